@@ -1,0 +1,41 @@
+# Every target creates the virtual environment if it is missing. torch is pinned (CPU build, local disk)
+# by constraints.txt, used by every install.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FRAMES ?= 20000
+
+.PHONY: venv demo test lint typecheck unit seed bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,probing,rl,plot]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv  ## train the seed's PPO agent and probe every layer, before and after training
+	$(BIN)/python examples/ppo_train_and_probe.py --frames $(FRAMES)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit  ## lint, type checks, tests
+
+seed: venv  ## run the seed notebook's code unchanged
+	$(BIN)/python examples/torchrl_ppo_action_probing.py
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,764 @@
+"""Factory → context → hooked module: the one lifecycle every method shares.
+
+``Method(...).prepare(model)`` returns a :class:`HookingContext`. Entering it builds a
+:class:`HookedModule` around the TensorDict-level model, asks the factory for its *plan*
+(hook specs and reversible edits), installs it, and returns the hooked module. Leaving it (also
+when the body raised) removes everything in reverse order.
+
+A factory customises two things only:
+
+* ``_plan(hooked)``: what to hook or edit (a list of :class:`~tdhook._core.hooks.Installable`);
+* ``_call(hooked, td, call_next)``: how a call runs, around ``call_next`` (the model, or the next
+  method of a composition). Hook-only methods keep the default, which calls the model once.
+
+Because the model is never wrapped in a pipeline, module names are the same for every method:
+relative names are paths inside the user's model, absolute names are ``td_module.`` + the path
+inside the TensorDict-level module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictModuleWrapper
+from torch import nn
+
+from ..errors import ContextStateError, InvalidInputError, TdhookWarning
+from . import keys as _keys
+from .hooks import (
+    CacheProxy,
+    CachingHook,
+    EarlyStoppingException,
+    HandleGroup,
+    HookDirection,
+    Installable,
+    SettingHook,
+    StoppingHook,
+    check_callback,
+    install,
+    register,
+)
+from .paths import join_paths, resolve_path
+
+__all__ = [
+    "CompositeHookingContextFactory",
+    "HookedModule",
+    "HookedModuleRun",
+    "HookingContext",
+    "HookingContextFactory",
+    "HookingContextWithCache",
+    "wrap_module",
+]
+
+ROOT_NAME = "td_module"
+
+
+def wrap_module(
+    module: nn.Module,
+    in_keys: Sequence[Any] | dict[str, Any] | None = None,
+    out_keys: Sequence[Any] | None = None,
+) -> tuple[TensorDictModuleBase, str, list[Any], list[Any]]:
+    """Return ``(td_module, extra_path, in_keys, out_keys)`` for any model.
+
+    A ``TensorDictModuleBase`` is used as it is; ``in_keys``/``out_keys`` may name a subset of
+    its keys, which methods then honour (e.g. attribution only to those inputs). A plain
+    ``nn.Module`` is wrapped in a ``TensorDictModule`` reading ``"input"`` and writing
+    ``"output"`` by default; dict-like outputs become nested TensorDicts.
+
+    Raises:
+        InvalidInputError: If ``module`` is not an ``nn.Module``.
+        ValueError: If a key is malformed or not one of the module's keys.
+    """
+    if not isinstance(module, nn.Module):
+        raise InvalidInputError(
+            f"prepare() expects an nn.Module or a TensorDictModuleBase, got {type(module).__name__}."
+        )
+    if isinstance(module, TensorDictModuleBase):
+        selected_in = _check_subset(in_keys, module.in_keys, "in_keys")
+        selected_out = _check_subset(out_keys, module.out_keys, "out_keys")
+        return module, "", selected_in, selected_out
+    if isinstance(in_keys, dict):
+        td_module = TensorDictModule(module, in_keys=in_keys, out_keys=out_keys or [_keys.DEFAULT_OUT_KEY])
+    else:
+        td_module = TensorDictModule(
+            module,
+            in_keys=_keys.normalize_keys(in_keys) or [_keys.DEFAULT_IN_KEY],
+            out_keys=_keys.normalize_keys(out_keys) or [_keys.DEFAULT_OUT_KEY],
+        )
+    return td_module, "module", list(td_module.in_keys), list(td_module.out_keys)
+
+
+def _check_subset(keys: Any, available: Sequence[Any], name: str) -> list[Any]:
+    if keys is None:
+        return list(available)
+    if isinstance(keys, (str, tuple)):
+        keys = [keys]
+    out = []
+    for key in keys:
+        if not _keys.is_unraveled(key):
+            raise ValueError(
+                f"{name} must be unraveled (a str or a tuple of str), got {type(key).__name__} {key!r}."
+            )
+        key = key if isinstance(key, str) or len(key) > 1 else key[0]
+        if key not in available:
+            raise ValueError(
+                f"Key {key!r} not in module.{name}: {list(available)}. Pass a subset of the module's {name}."
+            )
+        out.append(key)
+    return out
+
+
+class HookedModule(TensorDictModuleWrapper):
+    """The model as seen inside a hooking context (or built with :meth:`from_module`).
+
+    Attribute look-ups fall through to ``td_module``. Calling it with a TensorDict runs the
+    method (``td = hooked(td)``); positional tensors use ``TensorDictModule``'s tensor call.
+
+    Args:
+        td_module: The TensorDict-level model.
+        hooking_context: The context that owns it, if any.
+        relative_path: Path (from this module) of the user model's root.
+    """
+
+    def __init__(
+        self,
+        td_module: TensorDictModuleBase,
+        hooking_context: HookingContext | None = None,
+        relative_path: str = ROOT_NAME,
+        in_keys: Sequence[Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(td_module)
+        self.in_keys = list(in_keys) if in_keys is not None else list(td_module.in_keys)
+        self.out_keys = list(out_keys) if out_keys is not None else list(td_module.out_keys)
+        self.__dict__["_hooking_context"] = hooking_context
+        self.__dict__["_relative_path"] = relative_path
+        self.__dict__["_call_chain"] = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        in_keys: Sequence[Any] | dict[str, Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        *,
+        hooking_context: HookingContext | None = None,
+        **kwargs: Any,
+    ) -> HookedModule:
+        """Wrap a model for the low-level API without a method (no context needed).
+
+        Keys are resolved relative to the ``TensorDictModule``, so ``"linear2"`` (forwarded to
+        the inner module) and ``"module.linear2"`` both work.
+        """
+        td_module, _, ins, outs = wrap_module(module, in_keys, out_keys)
+        return cls(td_module, hooking_context=hooking_context, in_keys=ins, out_keys=outs, **kwargs)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def hooking_context(self) -> HookingContext | None:
+        return self.__dict__["_hooking_context"]
+
+    @property
+    def relative_path(self) -> str:
+        return self.__dict__["_relative_path"]
+
+    @property
+    def root(self) -> nn.Module:
+        """The user's model (the module relative names start from)."""
+        return resolve_path(self, self.relative_path)
+
+    def resolve(self, key: str, *, relative: bool = True) -> nn.Module:
+        """Return the submodule at ``key`` (relative to the user model, or absolute from here)."""
+        return resolve_path(self.root if relative else self, key)
+
+    # -- call ----------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.hooking_context
+        if ctx is not None and not ctx.is_active:
+            raise ContextStateError(
+                "Contextual HookedModule must be called in context: this module's `with` block has exited. "
+                "Call it inside `with ...prepare(model) as hooked:`."
+            )
+        chain = self.__dict__["_call_chain"]
+        if args and isinstance(args[0], TensorDictBase):
+            if chain is not None:
+                return chain(args[0], *args[1:], **kwargs)
+            return self._call_model(args[0], *args[1:], **kwargs)
+        if "tensordict" in kwargs and isinstance(kwargs["tensordict"], TensorDictBase):
+            td = kwargs.pop("tensordict")
+            return chain(td, **kwargs) if chain is not None else self._call_model(td, **kwargs)
+        if chain is not None and ctx is not None and ctx.factory._needs_tensordict:
+            raise InvalidInputError(
+                f"{type(ctx.factory).__name__} needs a TensorDict input, got "
+                f"{', '.join(type(a).__name__ for a in args) or 'keyword arguments'}. "
+                f"Build one: TensorDict({{{self.in_keys[0]!r}: x}}, batch_size=x.shape[:1])."
+            )
+        return self.td_module(*args, **kwargs)
+
+    def _call_model(self, td: TensorDictBase, *args: Any, **kwargs: Any) -> TensorDictBase:
+        """Run the TensorDict-level model on ``td`` after checking its input keys."""
+        td_module = self.td_module
+        needed = td_module.in_keys
+        present = td.keys(include_nested=True)
+        if any(k not in present for k in needed):
+            _keys.check_keys(td, needed)
+        return td_module(td, *args, **kwargs)
+
+    # -- context delegation ---------------------------------------------------------------------
+    def _require_context(self) -> HookingContext:
+        ctx = self.hooking_context
+        if ctx is None:
+            raise ContextStateError("No hooking context provided to this module")
+        return ctx
+
+    def disable_context_hooks(self) -> contextlib.AbstractContextManager[None]:
+        """Temporarily remove the method's hooks (see :meth:`HookingContext.disable_hooks`)."""
+        return self._require_context().disable_hooks()
+
+    def disable_context(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """Temporarily remove the method entirely (see :meth:`HookingContext.disable`)."""
+        return self._require_context().disable()
+
+    def restore(self) -> None:
+        """Exit a context entered with ``prepare(..., return_context=False)``."""
+        ctx = self._require_context()
+        if not ctx.is_active:
+            raise ContextStateError("Context is not active")
+        if ctx._managed:
+            raise ContextStateError(
+                "Cannot call restore() when context is managed by a context manager. "
+                "Leave the `with` block instead."
+            )
+        ctx.__exit__(None, None, None)
+
+    # -- low-level persistent hooks -------------------------------------------------------------
+    def register_submodule_hook(
+        self,
+        key: str,
+        hook: Callable[..., Any],
+        direction: str | HookDirection = "fwd",
+        prepend: bool = False,
+        relative: bool = True,
+    ):
+        """Register ``hook`` on the submodule at ``key`` and return torch's handle."""
+        direction = HookDirection.parse(direction)
+        module = self.resolve(key, relative=relative)
+        if isinstance(module, nn.ModuleList):
+            warnings.warn(
+                f"You are hooking a ModuleList ({key}), which will never be executed.",
+                TdhookWarning,
+                stacklevel=2,
+            )
+        return register(module, hook, direction, prepend=prepend)
+
+    def set(
+        self,
+        module_key: str,
+        value: Any,
+        callback: Callable[..., Any] | None = None,
+        direction: str | HookDirection = "fwd",
+        prepend: bool = False,
+        relative: bool = True,
+    ):
+        """Replace a module's value (output by default) by ``value`` or ``callback(..., value=...)``."""
+        direction = HookDirection.parse(direction)
+        check_callback(callback, direction, ("value", "direction"))
+        return self.register_submodule_hook(
+            module_key, SettingHook(value, direction, callback), direction, prepend, relative
+        )
+
+    def get(
+        self,
+        cache: TensorDictBase,
+        module_key: str,
+        cache_key: Any = None,
+        callback: Callable[..., Any] | None = None,
+        direction: str | HookDirection = "fwd",
+        prepend: bool = False,
+        relative: bool = True,
+    ) -> tuple[Any, CacheProxy]:
+        """Store a module's value in ``cache`` under ``cache_key or f"{module_key}_{type}"``."""
+        direction = HookDirection.parse(direction)
+        check_callback(callback, direction, ("key", "direction"))
+        cache_key = cache_key or f"{module_key}_{direction.value_type}"
+        handle = self.register_submodule_hook(
+            module_key, CachingHook(cache_key, cache, direction, callback), direction, prepend, relative
+        )
+        return handle, CacheProxy(cache_key, cache)
+
+    def stop(self, key: str):
+        """Stop the forward pass after ``key`` ran (raises :class:`EarlyStoppingException`)."""
+        return self.register_submodule_hook(key, StoppingHook(key), HookDirection.FWD)
+
+    def set_input(self, module_key: str, value: Any, **kwargs: Any):
+        return self.set(module_key, value, direction=HookDirection.FWD_PRE, **kwargs)
+
+    def get_input(self, cache: TensorDictBase, module_key: str, **kwargs: Any):
+        return self.get(cache, module_key, direction=HookDirection.FWD_PRE, **kwargs)
+
+    def set_grad(self, module_key: str, value: Any, **kwargs: Any):
+        return self.set(module_key, value, direction=HookDirection.BWD, **kwargs)
+
+    def get_grad(self, cache: TensorDictBase, module_key: str, **kwargs: Any):
+        return self.get(cache, module_key, direction=HookDirection.BWD, **kwargs)
+
+    def set_grad_output(self, module_key: str, value: Any, **kwargs: Any):
+        return self.set(module_key, value, direction=HookDirection.BWD_PRE, **kwargs)
+
+    def get_grad_output(self, cache: TensorDictBase, module_key: str, **kwargs: Any):
+        return self.get(cache, module_key, direction=HookDirection.BWD_PRE, **kwargs)
+
+    def run(
+        self,
+        data: Any,
+        cache: TensorDictBase | None = None,
+        run_name: str | None = None,
+        run_sep: str | None = None,
+        run_cache: TensorDictBase | None = None,
+        grad_enabled: bool = False,
+        run_callback: Callable[[HookedModule, Any], Any] | None = None,
+    ) -> HookedModuleRun:
+        """Deferred run (nnsight-like): register hooks in the ``with`` body, run at its exit."""
+        return HookedModuleRun(self, data, cache, run_name, run_sep, run_cache, grad_enabled, run_callback)
+
+
+def _default_run_callback(module: HookedModule, data: Any) -> Any:
+    return module(data)
+
+
+class HookedModuleRun:
+    """A deferred run: hooks registered inside ``with hooked.run(td) as run:`` fire at its exit.
+
+    The model runs when the ``with`` block exits (even if the body raised; the body's exception
+    then propagates after the hooks are removed). A stop hook ends the forward early.
+    """
+
+    def __init__(
+        self,
+        module: HookedModule,
+        data: Any,
+        cache: TensorDictBase | None = None,
+        run_name: str | None = None,
+        run_sep: str | None = None,
+        run_cache: TensorDictBase | None = None,
+        grad_enabled: bool = False,
+        run_callback: Callable[[HookedModule, Any], Any] | None = None,
+    ) -> None:
+        self._module = module
+        self._data = data
+        self._outer_cache = cache
+        self._name = "run" if run_name is None else run_name
+        self._sep = "." if run_sep is None else run_sep
+        self._cache = TensorDict() if run_cache is None else run_cache
+        self._grad_enabled = grad_enabled
+        self._callback = run_callback or _default_run_callback
+        self._handles = HandleGroup()
+        self._active = False
+
+    @property
+    def cache(self) -> TensorDictBase:
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: TensorDictBase) -> None:
+        self._cache = value
+
+    def __enter__(self) -> HookedModuleRun:
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            with torch.set_grad_enabled(self._grad_enabled), contextlib.suppress(EarlyStoppingException):
+                self._callback(self._module, self._data)
+        finally:
+            self._active = False
+            self._handles.remove()
+
+    def _check(self, name: str) -> None:
+        if not self._active:
+            raise ContextStateError(
+                f"Not in context, method {name} must be called in context or directly on the module"
+            )
+
+    def _hook(self, key: str, hook: Any, direction: HookDirection, prepend: bool, relative: bool) -> None:
+        self._handles.append(self._module.register_submodule_hook(key, hook, direction, prepend, relative))
+
+    def get(
+        self,
+        key: str,
+        *,
+        cache_key: Any = None,
+        callback: Callable[..., Any] | None = None,
+        direction: str | HookDirection = "fwd",
+        prepend: bool = False,
+        relative: bool = True,
+    ) -> CacheProxy:
+        """Cache ``key``'s value in ``run.cache`` under ``cache_key or f"{key}_{type}"``."""
+        self._check("get")
+        direction = HookDirection.parse(direction)
+        check_callback(callback, direction, ("key", "direction"))
+        cache_key = cache_key or f"{key}_{direction.value_type}"
+        self._hook(
+            key, CachingHook(cache_key, self._cache, direction, callback), direction, prepend, relative
+        )
+        return CacheProxy(cache_key, self._cache)
+
+    def save(
+        self,
+        key: str,
+        *,
+        cache_key: Any = None,
+        callback: Callable[..., Any] | None = None,
+        direction: str | HookDirection = "fwd",
+        prepend: bool = False,
+        relative: bool = True,
+    ) -> CacheProxy:
+        """Like :meth:`get`, into the outer cache, under ``f"{run_name}{run_sep}{key}_{type}"``."""
+        self._check("save")
+        direction = HookDirection.parse(direction)
+        check_callback(callback, direction, ("key", "direction"))
+        cache = self._outer_cache if self._outer_cache is not None else self._cache
+        cache_key = cache_key or f"{self._name}{self._sep}{key}_{direction.value_type}"
+        self._hook(key, CachingHook(cache_key, cache, direction, callback), direction, prepend, relative)
+        return CacheProxy(cache_key, cache)
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        callback: Callable[..., Any] | None = None,
+        direction: str | HookDirection = "fwd",
+        prepend: bool = False,
+        relative: bool = True,
+    ) -> None:
+        """Replace ``key``'s value by ``value`` (a tensor or a :class:`CacheProxy`) or a callback's."""
+        self._check("set")
+        direction = HookDirection.parse(direction)
+        check_callback(callback, direction, ("value", "direction"))
+        self._hook(key, SettingHook(value, direction, callback), direction, prepend, relative)
+
+    def stop(self, key: str) -> None:
+        """End the forward pass after ``key`` ran."""
+        self._check("stop")
+        self._hook(key, StoppingHook(key), HookDirection.FWD, False, True)
+
+    def get_input(self, key: str, **kw: Any) -> CacheProxy:
+        return self.get(key, direction=HookDirection.FWD_PRE, **kw)
+
+    def save_input(self, key: str, **kw: Any) -> CacheProxy:
+        return self.save(key, direction=HookDirection.FWD_PRE, **kw)
+
+    def set_input(self, key: str, value: Any, **kw: Any) -> None:
+        self.set(key, value, direction=HookDirection.FWD_PRE, **kw)
+
+    def get_grad(self, key: str, **kw: Any) -> CacheProxy:
+        self._grad_enabled = True
+        return self.get(key, direction=HookDirection.BWD, **kw)
+
+    def save_grad(self, key: str, **kw: Any) -> CacheProxy:
+        self._grad_enabled = True
+        return self.save(key, direction=HookDirection.BWD, **kw)
+
+    def set_grad(self, key: str, value: Any, **kw: Any) -> None:
+        self._grad_enabled = True
+        self.set(key, value, direction=HookDirection.BWD, **kw)
+
+    def get_grad_output(self, key: str, **kw: Any) -> CacheProxy:
+        return self.get(key, direction=HookDirection.BWD_PRE, **kw)
+
+    def save_grad_output(self, key: str, **kw: Any) -> CacheProxy:
+        return self.save(key, direction=HookDirection.BWD_PRE, **kw)
+
+    def set_grad_output(self, key: str, value: Any, **kw: Any) -> None:
+        self.set(key, value, direction=HookDirection.BWD_PRE, **kw)
+
+
+class _Deferred:
+    """Adapt a legacy ``_hook_module(hooked) -> handle`` override to the plan protocol."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def install(self) -> Any:
+        return self.fn()
+
+
+class HookingContextFactory:
+    """Base class of every method: configure in ``__init__``, bind with :meth:`prepare`.
+
+    Subclasses override :meth:`_plan` (what to hook or edit) and, for methods that run the model
+    in a particular way (several passes, gradients...), :meth:`_call`.
+    """
+
+    _hooking_context_class: type[HookingContext]
+    _hooked_module_class: type[HookedModule] = HookedModule
+    #: True for methods whose ``_call`` needs a TensorDict (tensor calls are refused).
+    _needs_tensordict = False
+
+    def prepare(
+        self,
+        module: nn.Module,
+        in_keys: Sequence[Any] | dict[str, Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        *,
+        return_context: bool = True,
+    ) -> Any:
+        """Bind this method to ``module``.
+
+        Args:
+            module: A plain ``nn.Module`` (read from ``"input"``, written to ``"output"`` unless
+                ``in_keys``/``out_keys`` say otherwise) or a ``TensorDictModuleBase`` (its keys;
+                ``in_keys``/``out_keys`` may select a subset).
+            in_keys: Input keys (or a ``{kwarg: key}`` dict for a plain module).
+            out_keys: Output keys.
+            return_context: When False, enter immediately and return the hooked module; call
+                ``hooked.restore()`` to undo.
+
+        Returns:
+            A lazy :class:`HookingContext`, or the :class:`HookedModule` when
+            ``return_context=False``.
+        """
+        td_module, extra, ins, outs = wrap_module(module, in_keys, out_keys)
+        context = self._hooking_context_class(self, td_module, extra, ins, outs)
+        if return_context:
+            return context
+        hooked = context.__enter__()
+        context._managed = False
+        return hooked
+
+    # -- extension points ------------------------------------------------------------------------
+    def _plan(self, hooked: HookedModule) -> Iterable[Installable]:
+        """Return what to install on the model (hooks, reversible edits). Called once per enter."""
+        if type(self)._hook_module is not HookingContextFactory._hook_module:
+            return [_Deferred(functools.partial(self._hook_module, hooked))]
+        return ()
+
+    def _hook_module(self, hooked: HookedModule) -> Any:
+        """Legacy extension point (tdhook 0.1): register hooks and return a removable handle."""
+        return HandleGroup()
+
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        """Run one call. The default runs the model once on ``td``."""
+        return call_next(td, **kwargs)
+
+    def _enter(self, context: HookingContext) -> None:
+        """Per-enter state set-up (before the plan is built)."""
+
+    def _exit(self, context: HookingContext) -> None:
+        """Per-exit state tear-down (after the plan is undone)."""
+
+    # -- helpers for subclasses --------------------------------------------------------------------
+    @staticmethod
+    def _select_root(hooked: HookedModule, relative: bool) -> tuple[nn.Module, str]:
+        """Return ``(root, prefix)`` for pattern selection: the user model or the hooked module."""
+        if relative:
+            return hooked.root, ""
+        return hooked, ""
+
+
+class HookingContext:
+    """The lifecycle of one method bound to one model (see the module docstring).
+
+    Errors: entering twice raises ``RuntimeError("Cannot enter context twice")``; the hooked
+    module refuses calls after exit.
+    """
+
+    def __init__(
+        self,
+        factory: HookingContextFactory,
+        module: TensorDictModuleBase,
+        extra_relative_path: str = "",
+        in_keys: Sequence[Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+    ) -> None:
+        self.factory = factory
+        self.module = module
+        self.extra_relative_path = extra_relative_path
+        self.in_keys = list(in_keys) if in_keys is not None else list(module.in_keys)
+        self.out_keys = list(out_keys) if out_keys is not None else list(module.out_keys)
+        self._hooked: HookedModule | None = None
+        self._plan: list[Installable] = []
+        self._handles: HandleGroup | None = None
+        self._managed = True
+        self._hooks_disabled = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._hooked is not None
+
+    @property
+    def hooked_module(self) -> HookedModule | None:
+        return self._hooked
+
+    def _factories(self) -> list[HookingContextFactory]:
+        return [self.factory]
+
+    def __enter__(self) -> HookedModule:
+        if self.is_active:
+            raise ContextStateError("Cannot enter context twice")
+        factory = self.factory
+        hooked = factory._hooked_module_class(
+            self.module,
+            hooking_context=self,
+            relative_path=join_paths(ROOT_NAME, self.extra_relative_path),
+            in_keys=self.in_keys,
+            out_keys=self.out_keys,
+        )
+        entered: list[HookingContextFactory] = []
+        try:
+            for f in self._factories():
+                f._enter(self)
+                entered.append(f)
+            plan: list[Installable] = []
+            for f in self._factories():
+                plan.extend(f._plan(hooked))
+            self._plan = plan
+            self._handles = install(plan)
+            hooked.__dict__["_call_chain"] = self._build_chain(hooked)
+        except BaseException:
+            for f in reversed(entered):
+                f._exit(self)
+            self._plan = []
+            raise
+        self._hooked = hooked
+        self._managed = True
+        return hooked
+
+    def _build_chain(self, hooked: HookedModule) -> Callable[..., Any] | None:
+        chain: Callable[..., Any] = hooked._call_model
+        custom = False
+        for f in reversed(self._factories()):
+            if type(f)._call is not HookingContextFactory._call:
+                custom = True
+            chain = functools.partial(f._call, hooked, call_next=chain)
+        return chain if custom else None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        hooked = self._hooked
+        try:
+            if self._handles is not None:
+                self._handles.remove()
+        finally:
+            self._handles = None
+            self._plan = []
+            self._hooked = None
+            self._hooks_disabled = False
+            if hooked is not None:
+                hooked.__dict__["_call_chain"] = None
+            for f in reversed(self._factories()):
+                f._exit(self)
+
+    @contextlib.contextmanager
+    def disable_hooks(self) -> Iterator[None]:
+        """Remove the method's hooks for the ``with`` body and put the same ones back after.
+
+        The plan is not rebuilt, so probes and other state created at enter survive.
+        """
+        if not self.is_active:
+            raise ContextStateError("Cannot disable hooks outside of context")
+        if self._handles is not None:
+            self._handles.remove()
+        self._hooks_disabled = True
+        try:
+            yield
+        finally:
+            self._handles = install(self._plan)
+            self._hooks_disabled = False
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[nn.Module]:
+        """Remove the method for the ``with`` body and yield the user's own (unhooked) model."""
+        if not self.is_active:
+            raise ContextStateError("Cannot disable context outside of context")
+        with self.disable_hooks():
+            assert self._hooked is not None
+            yield self._hooked.root
+
+
+class HookingContextWithCache(HookingContext):
+    """A context with a ``.cache`` TensorDict, cleared at enter (when ``clear_cache``) and kept after exit."""
+
+    def __init__(
+        self,
+        factory: HookingContextFactory,
+        module: TensorDictModuleBase,
+        extra_relative_path: str = "",
+        in_keys: Sequence[Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        cache: TensorDictBase | None = None,
+        clear_cache: bool = True,
+    ) -> None:
+        super().__init__(factory, module, extra_relative_path, in_keys, out_keys)
+        cache = getattr(factory, "_cache", None) if cache is None else cache
+        clear_cache = getattr(factory, "_clear_cache", clear_cache)
+        if cache is not None and not isinstance(cache, TensorDictBase):
+            raise InvalidInputError(f"cache must be a TensorDict, got {type(cache).__name__}.")
+        self._cache: TensorDictBase = TensorDict() if cache is None else cache
+        self._clear_cache = clear_cache
+
+    @property
+    def cache(self) -> TensorDictBase:
+        return self._cache
+
+    def clear(self) -> None:
+        """Delete every entry of the cache (in place, so a user-provided cache stays the same object)."""
+        for key in list(self._cache.keys()):
+            del self._cache[key]
+
+    def __enter__(self) -> HookedModule:
+        if self.is_active:
+            raise ContextStateError("Cannot enter context twice")
+        if self._clear_cache:
+            self.clear()
+        return super().__enter__()
+
+
+HookingContextFactory._hooking_context_class = HookingContext
+
+
+class _CompositeContext(HookingContextWithCache):
+    def _factories(self) -> list[HookingContextFactory]:
+        return list(self.factory._factories)  # type: ignore[attr-defined]
+
+
+class CompositeHookingContextFactory(HookingContextFactory):
+    """Several methods in one forward pass.
+
+    Every component's plan is installed in the given order (so hooks on the same module fire in
+    that order), and every component's ``_call`` wraps the next one: the first factory is the
+    outermost. Hook-only methods (caching, steering, probing) compose with one pipeline method
+    (patching, attribution). The context has a ``.cache`` shared with caching components.
+
+    Args:
+        *factories: The methods to compose.
+    """
+
+    _hooking_context_class = _CompositeContext
+
+    def __init__(self, *factories: HookingContextFactory) -> None:
+        if not factories:
+            raise ValueError("CompositeHookingContextFactory needs at least one factory.")
+        for f in factories:
+            if not isinstance(f, HookingContextFactory):
+                raise InvalidInputError(
+                    f"CompositeHookingContextFactory takes method instances, got {type(f).__name__}."
+                )
+        self._factories = tuple(factories)
+        self._needs_tensordict = any(f._needs_tensordict for f in factories)
+
+    @property
+    def factories(self) -> tuple[HookingContextFactory, ...]:
+        return self._factories

@@ -1,0 +1,447 @@
+"""The hook core: hook points, registration, handle groups and the hook values methods build.
+
+This is the only module that calls torch's ``register_*_hook`` APIs. Methods *describe* what to
+hook with :class:`HookSpec` values (or any :class:`Installable`); :func:`install` registers them
+and returns one :class:`HandleGroup` that removes everything in reverse order, idempotently.
+
+Hooks are small frozen callables (no closures over loop variables), so the module key a hook
+reports is the key it was built for.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import ContextStateError, HookSignatureError, InvalidDirectionError
+
+__all__ = [
+    "CacheProxy",
+    "CachingHook",
+    "EarlyStoppingException",
+    "HandleGroup",
+    "HookDirection",
+    "HookSpec",
+    "HookValueError",
+    "Installable",
+    "MutableWeakRef",
+    "ReadingHook",
+    "SettingHook",
+    "StoppingHook",
+    "TensorDictRef",
+    "check_callback",
+    "install",
+    "register",
+]
+
+
+class HookDirection(str, Enum):
+    """Where a hook fires. The values are the reference's strings (``"fwd"``, ``"bwd"``...)."""
+
+    FWD = "fwd"
+    FWD_KWARGS = "fwd_kwargs"
+    FWD_PRE = "fwd_pre"
+    FWD_PRE_KWARGS = "fwd_pre_kwargs"
+    BWD = "bwd"
+    BWD_PRE = "bwd_pre"
+
+    @classmethod
+    def parse(cls, value: str | HookDirection) -> HookDirection:
+        """Convert a user-facing string (or a member) to a member.
+
+        Raises:
+            InvalidDirectionError: For an unknown value; the message lists the valid ones.
+        """
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidDirectionError(
+                f"Invalid direction: {value!r}. Expected one of {[d.value for d in cls]}."
+            ) from None
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Names of the torch hook's positional parameters."""
+        return _PARAMS[self]
+
+    @property
+    def value_type(self) -> str:
+        """Suffix of default cache keys: ``output``, ``input``, ``grad_input`` or ``grad_output``."""
+        return _TYPE[self]
+
+    @property
+    def is_backward(self) -> bool:
+        return self in (HookDirection.BWD, HookDirection.BWD_PRE)
+
+
+_PARAMS = {
+    HookDirection.FWD: ("module", "args", "output"),
+    HookDirection.FWD_KWARGS: ("module", "args", "kwargs", "output"),
+    HookDirection.FWD_PRE: ("module", "args"),
+    HookDirection.FWD_PRE_KWARGS: ("module", "args", "kwargs"),
+    HookDirection.BWD: ("module", "grad_input", "grad_output"),
+    HookDirection.BWD_PRE: ("module", "grad_output"),
+}
+# Index (in the hook's positional arguments) of the value a hook reads or replaces.
+_VALUE_INDEX = {
+    HookDirection.FWD: 2,
+    HookDirection.FWD_KWARGS: 3,
+    HookDirection.FWD_PRE: 1,
+    HookDirection.FWD_PRE_KWARGS: 1,
+    HookDirection.BWD: 1,  # grad_input (tdhook 0.1 read grad_output here, against its own key suffix)
+    HookDirection.BWD_PRE: 1,
+}
+_TYPE = {
+    HookDirection.FWD: "output",
+    HookDirection.FWD_KWARGS: "output",
+    HookDirection.FWD_PRE: "input",
+    HookDirection.FWD_PRE_KWARGS: "input",
+    HookDirection.BWD: "grad_input",
+    HookDirection.BWD_PRE: "grad_output",
+}
+
+
+class HookValueError(ContextStateError):
+    """A hook produced a value that cannot replace the original one."""
+
+
+class EarlyStoppingException(Exception):
+    """Raised by a stopping hook to end a forward pass early (swallowed by ``run``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Early stopping triggered for key {key}")
+        self.key = key
+
+
+def register(module: nn.Module, hook: Callable[..., Any], direction: HookDirection, *, prepend: bool = False):
+    """Register ``hook`` on ``module`` at ``direction`` and return torch's removable handle."""
+    if direction is HookDirection.FWD:
+        return module.register_forward_hook(hook, prepend=prepend)
+    if direction is HookDirection.FWD_KWARGS:
+        return module.register_forward_hook(hook, prepend=prepend, with_kwargs=True)
+    if direction is HookDirection.FWD_PRE:
+        return module.register_forward_pre_hook(hook, prepend=prepend)
+    if direction is HookDirection.FWD_PRE_KWARGS:
+        return module.register_forward_pre_hook(hook, prepend=prepend, with_kwargs=True)
+    if direction is HookDirection.BWD:
+        return module.register_full_backward_hook(hook, prepend=prepend)
+    if direction is HookDirection.BWD_PRE:
+        return module.register_full_backward_pre_hook(hook, prepend=prepend)
+    raise InvalidDirectionError(f"Invalid direction: {direction!r}")
+
+
+@runtime_checkable
+class Installable(Protocol):
+    """Anything a method does to a model: ``install()`` does it and returns an undo handle."""
+
+    def install(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A description of one hook: which module, which hook point, which callable."""
+
+    module: nn.Module
+    hook: Callable[..., Any]
+    direction: HookDirection = HookDirection.FWD
+    prepend: bool = False
+
+    def install(self) -> RemovableHandle:
+        return register(self.module, self.hook, self.direction, prepend=self.prepend)
+
+
+class HandleGroup:
+    """Removable handles (hooks and edits), removed in reverse order, idempotently.
+
+    Also a context manager, and ``a + b`` concatenates two groups (tdhook 0.1's
+    ``MultiHookHandle``).
+    """
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, handles: Iterable[Any] | None = None) -> None:
+        self._handles: list[Any] = list(handles or [])
+
+    def append(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        """Remove every handle, last installed first. Errors are re-raised after all ran."""
+        first_error: BaseException | None = None
+        while self._handles:
+            handle = self._handles.pop()
+            try:
+                handle.remove()
+            except BaseException as err:  # keep undoing the rest
+                first_error = first_error or err
+        if first_error is not None:
+            raise first_error
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __add__(self, other: HandleGroup) -> HandleGroup:
+        if not isinstance(other, HandleGroup):
+            raise TypeError(f"Can only add a HandleGroup to a HandleGroup, got {type(other).__name__}")
+        return HandleGroup(self._handles + other._handles)
+
+    def __enter__(self) -> HandleGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def install(items: Iterable[Installable]) -> HandleGroup:
+    """Install every item in order; if one fails, undo those already installed and re-raise."""
+    group = HandleGroup()
+    try:
+        for item in items:
+            group.append(item.install())
+    except BaseException:
+        group.remove()
+        raise
+    return group
+
+
+# --------------------------------------------------------------------------------------------
+# References and proxies
+# --------------------------------------------------------------------------------------------
+
+
+class MutableWeakRef:
+    """A weak reference whose target can be changed (``resolve()``/``set()``)."""
+
+    __slots__ = ("__weakref__", "_ref")
+
+    def __init__(self, obj: Any) -> None:
+        self._ref = weakref.ref(obj)
+
+    def resolve(self) -> Any:
+        return self._ref()
+
+    def set(self, obj: Any) -> None:
+        self._ref = weakref.ref(obj)
+
+
+class TensorDictRef:
+    """A strong reference with the same interface as :class:`MutableWeakRef`."""
+
+    __slots__ = ("__weakref__", "_obj")
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def resolve(self) -> Any:
+        return self._obj
+
+    def set(self, obj: Any) -> None:
+        self._obj = obj
+
+
+def _resolve_cache(cache: Any) -> TensorDictBase:
+    if isinstance(cache, TensorDictBase):
+        return cache
+    resolved = cache.resolve()
+    if resolved is None:
+        raise ContextStateError(
+            "Dead reference to cache: the TensorDict it pointed to was garbage-collected."
+        )
+    return resolved
+
+
+class CacheProxy:
+    """A lazy handle on ``cache[key]``: ``resolve()`` returns the value once a hook wrote it.
+
+    The cache is held weakly (keep it alive yourself); ``resolve()`` returns ``None`` before the
+    value is written.
+    """
+
+    __slots__ = ("_cache", "key")
+
+    def __init__(self, key: Any, cache: Any) -> None:
+        self.key = key
+        self._cache = cache if isinstance(cache, (MutableWeakRef, TensorDictRef)) else MutableWeakRef(cache)
+
+    def resolve(self) -> Any:
+        cache = self._cache.resolve()
+        if cache is None:
+            raise ContextStateError(
+                "Dead reference to cache: keep the cache TensorDict alive while using proxies."
+            )
+        return cache.get(self.key, None)
+
+    def __repr__(self) -> str:
+        return f"CacheProxy(key={self.key!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Callback validation and the hook values
+# --------------------------------------------------------------------------------------------
+
+
+def check_callback(
+    callback: Callable[..., Any] | None, direction: HookDirection, extra: Iterable[str] = ()
+) -> None:
+    """Check at registration that ``callback`` can receive the hook's arguments by keyword.
+
+    Raises:
+        HookSignatureError: For positional-only parameters, or when a hook parameter (or one of
+            ``extra``) is neither named nor absorbed by ``**kwargs``.
+    """
+    if callback is None:
+        return
+    try:
+        sig = inspect.signature(callback)
+    except (TypeError, ValueError):  # builtins without signature: trust them
+        return
+    params = sig.parameters.values()
+    if any(p.kind is p.POSITIONAL_ONLY for p in params):
+        raise HookSignatureError(
+            f"Callback {callback!r} cannot have positional-only parameters since we only pass named arguments "
+            f"({', '.join(direction.params)}, ...). Example: `lambda output, **_: output[0]`."
+        )
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = {p.name for p in params}
+    required = {
+        p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    passed = set(direction.params) | set(extra)
+    missing = set(direction.params) - names
+    unknown = required - passed
+    if missing or unknown:
+        raise HookSignatureError(
+            f"Callback missing required parameters: {sorted(missing)}"
+            + (f" and requires unknown parameters {sorted(unknown)}" if unknown else "")
+            + f". A {direction.value!r} callback receives the keywords {sorted(passed)}; add `**_` to ignore the rest."
+        )
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def _default_value(direction: HookDirection, args: tuple[Any, ...]) -> Any:
+    return _unwrap(args[_VALUE_INDEX[direction]])
+
+
+def _named(direction: HookDirection, args: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(direction.params, args))
+
+
+def _check_storable(value: Any, key: Any) -> None:
+    if not isinstance(value, (torch.Tensor, TensorDictBase)):
+        raise HookValueError(
+            f"{type(value).__name__} values are not supported for caching (key {key!r}), use a `callback` to "
+            "return a tensor or a tensordict, e.g. `callback=lambda output, **_: output[0]`."
+        )
+
+
+@dataclass(frozen=True)
+class CachingHook:
+    """Store the hooked value (or ``callback(...)``) at ``cache[key]``."""
+
+    key: Any
+    cache: Any
+    direction: HookDirection = HookDirection.FWD
+    callback: Callable[..., Any] | None = None
+    detach: bool = False
+    accumulate: bool = False
+
+    def __call__(self, *args: Any) -> None:
+        if self.callback is None:
+            value = _default_value(self.direction, args)
+        else:
+            value = self.callback(
+                **_named(self.direction, args), key=self.key, direction=self.direction.value
+            )
+        _check_storable(value, self.key)
+        if self.detach:
+            value = value.detach()
+        cache = _resolve_cache(self.cache)
+        if self.accumulate:
+            previous = cache.get(self.key, None)
+            if previous is not None:
+                value = torch.cat([previous, value.to(previous.device)], dim=0)
+        cache.set(self.key, value)
+
+
+def _fit_replacement(value: Any, original: Any, direction: HookDirection) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, CacheProxy):
+        value = value.resolve()
+        if value is None:
+            return None
+    if isinstance(original, tuple) and not isinstance(value, tuple) and len(original) == 1:
+        value = (value,)
+    if isinstance(original, torch.Tensor) and isinstance(value, torch.Tensor):
+        return value
+    if isinstance(original, TensorDictBase) and isinstance(value, TensorDictBase):
+        return value
+    if isinstance(value, type(original)) or isinstance(original, type(value)):
+        return value
+    raise HookValueError(
+        f"Callback returned a value of type {type(value).__name__} but the original value was of type "
+        f"{type(original).__name__} ({direction.value!r} hook). Return the same kind of value, or None to keep it."
+    )
+
+
+@dataclass(frozen=True)
+class SettingHook:
+    """Replace the hooked value by ``value`` or ``callback(..., value=value)`` (``None`` keeps it)."""
+
+    value: Any
+    direction: HookDirection = HookDirection.FWD
+    callback: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        index = _VALUE_INDEX[self.direction]
+        original = args[index]
+        value = self.value
+        if isinstance(value, CacheProxy):
+            value = value.resolve()
+        if self.callback is not None:
+            value = self.callback(**_named(self.direction, args), value=value, direction=self.direction.value)
+        new = _fit_replacement(value, original, self.direction)
+        if new is None:
+            return None
+        if self.direction is HookDirection.FWD_PRE_KWARGS:
+            return new, args[2]
+        return new
+
+
+@dataclass(frozen=True)
+class ReadingHook:
+    """Call ``callback(<hook params>, direction=...)``; returns nothing."""
+
+    callback: Callable[..., Any]
+    direction: HookDirection = HookDirection.FWD
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *args: Any) -> None:
+        self.callback(**_named(self.direction, args), direction=self.direction.value, **self.extra)
+
+
+@dataclass(frozen=True)
+class StoppingHook:
+    """Raise :class:`EarlyStoppingException` after the module ran."""
+
+    key: str
+
+    def __call__(self, *args: Any) -> None:
+        raise EarlyStoppingException(self.key)

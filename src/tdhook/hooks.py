@@ -1,0 +1,146 @@
+"""Hook helpers (public names of tdhook 0.1's ``tdhook.hooks``), built on the hook core."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from torch import nn
+
+from ._core.hooks import (
+    CacheProxy,
+    CachingHook,
+    EarlyStoppingException,
+    HandleGroup,
+    HookDirection,
+    MutableWeakRef,
+    ReadingHook,
+    SettingHook,
+    StoppingHook,
+    TensorDictRef,
+    check_callback,
+    register,
+)
+from ._core.paths import join_paths, parse_path, resolve_path, select_modules
+from .errors import TdhookWarning
+
+__all__ = [
+    "DIRECTION_TO_PARAMS",
+    "DIRECTION_TO_TYPE",
+    "CacheProxy",
+    "EarlyStoppingException",
+    "HookDirection",
+    "HookFactory",
+    "MultiHookHandle",
+    "MultiHookManager",
+    "MutableWeakRef",
+    "TensorDictRef",
+    "merge_paths",
+    "register_hook_to_module",
+    "resolve_submodule_path",
+    "submodule_path_to_name",
+]
+
+HookDirectionLiteral = Literal["fwd", "bwd", "fwd_pre", "bwd_pre", "fwd_kwargs", "fwd_pre_kwargs"]
+DIRECTION_TO_PARAMS = {d.value: d.params for d in HookDirection}
+DIRECTION_TO_TYPE = {d.value: d.value_type for d in HookDirection}
+
+MultiHookHandle = HandleGroup
+merge_paths = join_paths
+
+
+def resolve_submodule_path(root: nn.Module, path: str) -> nn.Module:
+    """Return the submodule of ``root`` at ``path`` (declarative grammar, no eval)."""
+    return resolve_path(root, path)
+
+
+def submodule_path_to_name(path: str) -> str:
+    """Normalise a path to a dotted ``named_modules()``-style name (``items[0]`` → ``items.0``)."""
+    return ".".join(str(s) for s in parse_path(path))
+
+
+def register_hook_to_module(
+    module: nn.Module, hook: Callable[..., Any], direction: str = "fwd", prepend: bool = False
+):
+    """Register ``hook`` (torch signature for ``direction``) and return torch's handle."""
+    return register(module, hook, HookDirection.parse(direction), prepend=prepend)
+
+
+class HookFactory:
+    """Builders for the hooks of the low-level API (tdhook 0.1 compatible)."""
+
+    @staticmethod
+    def make_caching_hook(
+        key: Any, cache: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"
+    ):
+        d = HookDirection.parse(direction)
+        check_callback(callback, d, ("key", "direction"))
+        return CachingHook(key, cache, d, callback)
+
+    @staticmethod
+    def make_setting_hook(value: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"):
+        d = HookDirection.parse(direction)
+        check_callback(callback, d, ("value", "direction"))
+        return SettingHook(value, d, callback)
+
+    @staticmethod
+    def make_reading_hook(*, callback: Callable[..., Any], direction: str = "fwd"):
+        d = HookDirection.parse(direction)
+        check_callback(callback, d, ("direction",))
+        return ReadingHook(callback, d)
+
+    @staticmethod
+    def make_stopping_hook(key: str):
+        return StoppingHook(key)
+
+
+class MultiHookManager:
+    """Register one hook per submodule whose name matches a pattern (``re.match``)."""
+
+    def __init__(
+        self,
+        pattern: str | None = None,
+        classes_to_hook: Sequence[type] = (nn.Module,),
+        classes_to_skip: Sequence[type] = (),
+    ) -> None:
+        self.pattern = pattern
+        self._classes_to_hook = tuple(classes_to_hook)
+        self._classes_to_skip = tuple(classes_to_skip)
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern.pattern
+
+    @pattern.setter
+    def pattern(self, value: str | None) -> None:
+        self._pattern = re.compile(value if value is not None else r"a^")
+
+    def register_hook(
+        self,
+        module: nn.Module,
+        hook_factory: Callable[[str], Callable[..., Any]],
+        *,
+        direction: str = "fwd",
+        prepend: bool = False,
+        relative_path: str | None = None,
+    ) -> HandleGroup:
+        d = HookDirection.parse(direction)
+        root = resolve_path(module, relative_path) if relative_path else module
+        handles = HandleGroup()
+        for name, sub in select_modules(
+            root,
+            self._pattern,
+            classes_to_hook=self._classes_to_hook,
+            classes_to_skip=self._classes_to_skip,
+            strict=False,
+        ):
+            if isinstance(sub, nn.ModuleList):
+                warnings.warn(
+                    f"You are hooking a ModuleList ({name}), which will never be executed.",
+                    TdhookWarning,
+                    stacklevel=2,
+                )
+            handles.append(register(sub, hook_factory(name), d, prepend=prepend))
+        return handles

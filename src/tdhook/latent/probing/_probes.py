@@ -1,0 +1,406 @@
+"""Probes and probe managers: what Probing feeds activations to."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+
+from ...errors import ProbingError
+
+__all__ = ["BilinearProbe", "BilinearProbeManager", "Probe", "ProbeManager", "StepType"]
+
+
+class StepType(str, Enum):
+    """What a probe does with a batch."""
+
+    FIT = "fit"
+    PREDICT = "predict"
+
+    @classmethod
+    def parse(cls, value: Any) -> StepType:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            hint = (
+                " Probing passes TensorDict entries to probes only when asked: use "
+                'Probing(..., additional_keys=["labels", "step_type"]) and set td["step_type"] = "fit" or "predict".'
+                if value is None
+                else ""
+            )
+            raise ProbingError(f"step_type must be 'fit' or 'predict', got {value!r}.{hint}") from None
+
+
+def default_preprocess(data: Any) -> Any:
+    """Detach and flatten every non-batch dimension: ``[B, T, D] -> [B, T*D]``."""
+    if isinstance(data, tuple):
+        if len(data) != 1:
+            raise ProbingError(
+                f"The probed value is a tuple of {len(data)} items (e.g. a transformer block's output); pass "
+                "data_preprocess_callback=lambda data: data[0].detach().flatten(1) to pick one."
+            )
+        data = data[0]
+    if not isinstance(data, torch.Tensor):
+        raise ProbingError(
+            f"Probes receive tensors, got {type(data).__name__}; pass a data_preprocess_callback returning one."
+        )
+    data = data.detach()
+    return data.flatten(1) if data.ndim > 1 else data.unsqueeze(1)
+
+
+def _require_labels(labels: Any, step: StepType) -> None:
+    if labels is None and step is StepType.FIT:
+        raise ProbingError(
+            "Probe got no labels to fit on. Set td['labels'] and pass "
+            'Probing(..., additional_keys=["labels", "step_type"]).'
+        )
+
+
+class Probe:
+    """Fit or evaluate one estimator on the activations it is given.
+
+    Args:
+        estimator: An object with ``fit(X, y)`` and ``predict(X)`` (scikit-learn style).
+        predict_callback: ``(predictions, labels) -> None`` called on "predict" steps.
+        fit_callback: ``(predictions, labels) -> None`` called after fitting, on the training data.
+        data_preprocess_callback: ``data -> X``; defaults to detach + flatten(1).
+    """
+
+    def __init__(
+        self,
+        estimator: Any,
+        predict_callback: Callable[[Any, Any], Any],
+        fit_callback: Callable[[Any, Any], Any] | None = None,
+        data_preprocess_callback: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.estimator = estimator
+        self._predict_callback = predict_callback
+        self._fit_callback = fit_callback
+        self._preprocess = data_preprocess_callback or default_preprocess
+
+    def step(self, data: Any, **kwargs: Any) -> None:
+        """Fit (``step_type="fit"``) or predict (``"predict"``) on ``data``."""
+        step = StepType.parse(kwargs.get("step_type"))
+        labels = kwargs.get("labels")
+        _require_labels(labels, step)
+        x = self._preprocess(data)
+        if step is StepType.FIT:
+            self.estimator.fit(x, y=labels)
+            if self._fit_callback is not None:
+                self._fit_callback(self.estimator.predict(x), labels)
+        else:
+            self._predict_callback(self.estimator.predict(x), labels)
+
+
+class _MetricStore:
+    """fit/predict metric dictionaries with the overwrite policy of the managers."""
+
+    def __init__(self, allow_overwrite: bool, reset_hint: str) -> None:
+        self.allow_overwrite = allow_overwrite
+        self.fit: dict[str, Any] = {}
+        self.predict: dict[str, Any] = {}
+        self._hint = reset_hint
+
+    def store(self, table: dict[str, Any], key: str, value: Any) -> None:
+        if key in table and not self.allow_overwrite:
+            raise ProbingError(
+                f"Metrics for {key} already exist, call reset_metrics() or use allow_overwrite=True to "
+                f"overwrite them{self._hint}"
+            )
+        table[key] = value
+
+    def reset(self) -> None:
+        self.fit = {}
+        self.predict = {}
+
+
+class ProbeManager:
+    """Create one estimator per probed module and collect the metrics of every probe.
+
+    Args:
+        estimator_class: Estimator type, instantiated with ``estimator_kwargs`` per probe.
+        estimator_kwargs: Constructor keyword arguments.
+        compute_metrics: ``(predictions, labels) -> dict`` of metrics.
+        allow_overwrite: Allow re-creating a probe or re-storing metrics under the same key.
+        data_preprocess_callback: Passed to every :class:`Probe`.
+
+    Examples:
+        >>> from sklearn.linear_model import LinearRegression
+        >>> manager = ProbeManager(LinearRegression, {}, lambda p, y: {"n": len(p)})
+        >>> probe = manager.probe_factory("layer", "fwd")
+        >>> sorted(manager.estimators)
+        ['layer_fwd']
+    """
+
+    def __init__(
+        self,
+        estimator_class: Callable[..., Any],
+        estimator_kwargs: dict[str, Any],
+        compute_metrics: Callable[[Any, Any], dict[str, Any]],
+        allow_overwrite: bool = False,
+        data_preprocess_callback: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._estimator_class = estimator_class
+        self._estimator_kwargs = dict(estimator_kwargs or {})
+        self._compute_metrics = compute_metrics
+        self._allow_overwrite = allow_overwrite
+        self._preprocess = data_preprocess_callback
+        self._estimators: dict[str, Any] = {}
+        self._metrics = _MetricStore(allow_overwrite, ".")
+
+    @property
+    def estimators(self) -> dict[str, Any]:
+        return self._estimators
+
+    @property
+    def fit_metrics(self) -> dict[str, Any]:
+        return self._metrics.fit
+
+    @property
+    def predict_metrics(self) -> dict[str, Any]:
+        return self._metrics.predict
+
+    def reset_estimators(self) -> None:
+        self._estimators = {}
+
+    def reset_metrics(self) -> None:
+        self._metrics.reset()
+
+    def probe_factory(self, key: str, direction: str) -> Probe:
+        """Create the probe for ``key`` at ``direction`` (its metrics go under ``f"{key}_{direction}"``)."""
+        name = f"{key}_{direction}"
+        if name in self._estimators and not self._allow_overwrite:
+            raise ProbingError(
+                f"Probe {name} already exists, call reset_estimators() to reset the estimators or use "
+                "allow_overwrite=True to overwrite the existing estimators"
+            )
+        estimator = self._estimator_class(**self._estimator_kwargs)
+        self._estimators[name] = estimator
+        return Probe(
+            estimator,
+            predict_callback=_StoreMetrics(self._metrics, StepType.PREDICT, name, self._compute_metrics),
+            fit_callback=_StoreMetrics(self._metrics, StepType.FIT, name, self._compute_metrics),
+            data_preprocess_callback=self._preprocess,
+        )
+
+
+class _StoreMetrics:
+    """Probe callback storing ``compute(predictions, labels)`` in the store's fit or predict table."""
+
+    __slots__ = ("compute", "kind", "name", "store")
+
+    def __init__(self, store: _MetricStore, kind: StepType, name: str, compute: Callable[..., Any]) -> None:
+        self.store, self.kind, self.name, self.compute = store, kind, name, compute
+
+    def __call__(self, predictions: Any, labels: Any) -> None:
+        table = self.store.fit if self.kind is StepType.FIT else self.store.predict
+        self.store.store(table, self.name, self.compute(predictions, labels))
+
+
+class BilinearProbe:
+    """A probe on a pair of activations ``(h1, h2)``, possibly from two modules.
+
+    ``step(data, key, labels, step_type)`` collects the activation of ``h1_key`` and of
+    ``h2_key``; once both are present the estimator is fitted on (or predicts from) the pair.
+
+    Args:
+        h1_key: Name of the first module.
+        h2_key: Name of the second module (may equal ``h1_key``).
+        estimator: An object with ``fit(h1, h2, y=...)`` and ``predict(h1, h2)``.
+        predict_callback: ``(predictions, labels) -> None``.
+        fit_callback: ``(predictions, labels) -> None`` after fitting.
+        data_preprocess_callback: ``data -> X`` (default: detach + flatten).
+    """
+
+    def __init__(
+        self,
+        h1_key: str,
+        h2_key: str,
+        estimator: Any,
+        predict_callback: Callable[[Any, Any], Any],
+        fit_callback: Callable[[Any, Any], Any] | None = None,
+        data_preprocess_callback: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.h1_key = h1_key
+        self.h2_key = h2_key
+        self.estimator = estimator
+        self._predict_callback = predict_callback
+        self._fit_callback = fit_callback
+        self._preprocess = data_preprocess_callback or default_preprocess
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def is_waiting(self) -> bool:
+        return bool(self._cache)
+
+    def before_all(self) -> None:
+        self._cache = {}
+
+    def after_all(self) -> list[tuple[str, str]]:
+        waiting = [(self.h1_key, self.h2_key)] if self._cache else []
+        self._cache = {}
+        return waiting
+
+    def step(self, data: Any, key: str, labels: Any = None, step_type: Any = None, **kwargs: Any) -> None:
+        if self.h1_key == self.h2_key:
+            if key == self.h1_key:
+                self._run(data, data, labels, step_type)
+            return
+        if key not in (self.h1_key, self.h2_key):
+            return
+        self._cache[key] = data
+        if self.h1_key in self._cache and self.h2_key in self._cache:
+            h1, h2 = self._cache.pop(self.h1_key), self._cache.pop(self.h2_key)
+            self._run(h1, h2, labels, step_type)
+
+    def _run(self, h1: Any, h2: Any, labels: Any, step_type: Any) -> None:
+        step = StepType.parse(step_type)
+        _require_labels(labels, step)
+        x1, x2 = self._preprocess(h1), self._preprocess(h2)
+        if step is StepType.FIT:
+            self.estimator.fit(x1, x2, y=labels)
+            if self._fit_callback is not None:
+                self._fit_callback(self.estimator.predict(x1, x2), labels)
+        else:
+            self._predict_callback(self.estimator.predict(x1, x2), labels)
+
+
+class _Dispatcher:
+    """Forward one module's activations to every pair probe that contains that module."""
+
+    __slots__ = ("key", "probes")
+
+    def __init__(self, key: str, probes: list[BilinearProbe]) -> None:
+        self.key = key
+        self.probes = probes
+
+    def step(self, data: Any, **kwargs: Any) -> None:
+        for probe in self.probes:
+            probe.step(data, key=self.key, **kwargs)
+
+
+class BilinearProbeManager:
+    """Probe pairs of modules with a bilinear estimator (metric keys ``f"{h1}_{h2}_{direction}"``).
+
+    Pair keys are module names as given; with ``Probing(relative=False)`` the hooked names are
+    absolute (``td_module.…``) and a pair key matches the name it ends with, so the same pairs
+    work in both modes.
+
+    Args:
+        pairs: ``[(h1, h2), ...]`` module names.
+        estimator_class: Estimator type with ``fit(h1, h2, y=...)`` and ``predict(h1, h2)``.
+        estimator_kwargs: Constructor keyword arguments.
+        compute_metrics: ``(predictions, labels) -> dict``.
+        allow_overwrite: Allow re-creating probes or metrics.
+        data_preprocess_callback: Passed to every :class:`BilinearProbe`.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        estimator_class: Callable[..., Any],
+        estimator_kwargs: dict[str, Any],
+        compute_metrics: Callable[[Any, Any], dict[str, Any]],
+        allow_overwrite: bool = False,
+        data_preprocess_callback: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._pairs = [tuple(p) for p in pairs]
+        for pair in self._pairs:
+            if len(pair) != 2 or not all(isinstance(k, str) for k in pair):
+                raise ProbingError(f"Each pair must be two module names (h1, h2), got {pair!r}.")
+        self._estimator_class = estimator_class
+        self._estimator_kwargs = dict(estimator_kwargs or {})
+        self._compute_metrics = compute_metrics
+        self._allow_overwrite = allow_overwrite
+        self._preprocess = data_preprocess_callback
+        self._estimators: dict[str, Any] = {}
+        self._metrics = _MetricStore(allow_overwrite, ".")
+        self._pair_probes: dict[tuple[str, str, str], BilinearProbe] = {}
+        self._dispatchers: dict[tuple[str, str], _Dispatcher] = {}
+
+    @property
+    def key_pattern(self) -> str:
+        """Pattern matching every pair key, as a relative name or as the end of an absolute one."""
+        keys = sorted({k for pair in self._pairs for k in pair})
+        return "|".join(rf"(?:.*\.)?{re.escape(k)}$" for k in keys)
+
+    @property
+    def estimators(self) -> dict[str, Any]:
+        return self._estimators
+
+    @property
+    def fit_metrics(self) -> dict[str, Any]:
+        return self._metrics.fit
+
+    @property
+    def predict_metrics(self) -> dict[str, Any]:
+        return self._metrics.predict
+
+    def reset_estimators(self) -> None:
+        self._estimators = {}
+        self._pair_probes = {}
+        self._dispatchers = {}
+
+    def reset_metrics(self) -> None:
+        self._metrics.reset()
+
+    def _pair_key(self, name: str) -> str | None:
+        keys = {k for pair in self._pairs for k in pair}
+        if name in keys:
+            return name
+        for k in sorted(keys, key=len, reverse=True):
+            if name.endswith("." + k):
+                return k
+        return None
+
+    def probe_factory(self, key: str, direction: str) -> _Dispatcher:
+        """Return the dispatcher for module ``key``; pair probes are created on first use."""
+        pair_key = self._pair_key(key)
+        probes = []
+        for h1, h2 in self._pairs:
+            if pair_key not in (h1, h2):
+                continue
+            ident = (h1, h2, direction)
+            if ident not in self._pair_probes:
+                name = f"{h1}_{h2}_{direction}"
+                if name in self._estimators and not self._allow_overwrite:
+                    raise ProbingError(
+                        f"Probe {name} already exists, call reset_estimators() to reset or use allow_overwrite=True"
+                    )
+                estimator = self._estimator_class(**self._estimator_kwargs)
+                self._estimators[name] = estimator
+                self._pair_probes[ident] = BilinearProbe(
+                    h1,
+                    h2,
+                    estimator,
+                    predict_callback=_StoreMetrics(
+                        self._metrics, StepType.PREDICT, name, self._compute_metrics
+                    ),
+                    fit_callback=_StoreMetrics(self._metrics, StepType.FIT, name, self._compute_metrics),
+                    data_preprocess_callback=self._preprocess,
+                )
+            probes.append(self._pair_probes[ident])
+        dispatcher = _Dispatcher(pair_key or key, probes)
+        self._dispatchers[(key, direction)] = dispatcher
+        return dispatcher
+
+    def before_all(self) -> None:
+        for probe in self._pair_probes.values():
+            probe.before_all()
+
+    def after_all(self) -> None:
+        waiting = [p.after_all() for p in self._pair_probes.values()]
+        unresolved = [pair for w in waiting for pair in w]
+        if unresolved:
+            keys = sorted({k for pair in unresolved for k in pair})
+            raise ProbingError(
+                f"Bilinear probes still waiting on keys: {keys}. Unresolved pairs: {unresolved}"
+            )
+
+    def iter_probes(self) -> Iterable[BilinearProbe]:
+        return iter(self._pair_probes.values())

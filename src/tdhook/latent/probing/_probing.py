@@ -1,0 +1,145 @@
+"""Probing: feed the activations of matching modules to probes, with labels from the TensorDict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tensordict import NonTensorData, NonTensorStack, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import nn
+
+from ..._core.context import HookedModule, HookingContextFactory
+from ..._core.hooks import HookDirection, HookSpec, _default_value
+from ..._core.keys import check_keys
+from ..._core.paths import select_modules
+
+__all__ = ["Probing"]
+
+
+def _plain(value: Any) -> Any:
+    """Turn TensorDict non-tensor entries (``"fit"`` stored in a batched TensorDict) back into Python."""
+    if isinstance(value, NonTensorStack):
+        items = value.tolist()
+        flat = items
+        while isinstance(flat, list) and flat and isinstance(flat[0], list):
+            flat = [x for sub in flat for x in sub]
+        if isinstance(flat, list) and flat and all(x == flat[0] for x in flat):
+            return flat[0]
+        return items
+    if isinstance(value, NonTensorData):
+        return value.data
+    return value
+
+
+@dataclass
+class _Extras:
+    """The additional TensorDict entries of the current call, shared by the probe hooks."""
+
+    items: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ProbeHook:
+    probe: Any
+    direction: HookDirection
+    extras: _Extras
+
+    def __call__(self, *args: Any) -> None:
+        self.probe.step(_default_value(self.direction, args), **self.extras.items)
+
+
+class Probing(HookingContextFactory):
+    """Fit and evaluate probes on the activations of every module matching ``key_pattern``.
+
+    For each matching module and direction, ``probe_factory(name, direction)`` creates a probe
+    at enter; at every call its ``step(activation, **extras)`` receives the entries named by
+    ``additional_keys`` (typically ``labels`` and ``step_type`` = ``"fit"``/``"predict"``).
+
+    Args:
+        key_pattern: Regular expression matched with ``re.match`` against module names. A
+            pattern that matches nothing raises, listing real names.
+        probe_factory: ``(name, direction) -> probe`` with a ``step(data, **kw)`` method, e.g.
+            ``ProbeManager(...).probe_factory``.
+        relative: Match names relative to the model (True) or absolute ``td_module.…`` names.
+        directions: Hook points (default ``["fwd"]``); the probe sees the output (fwd), the input
+            (fwd_pre) or the input gradient (bwd).
+        additional_keys: TensorDict keys passed to ``step`` as keyword arguments.
+        classes_to_hook: Only modules of these classes are probed (default: all).
+        classes_to_skip: Modules of these classes are skipped (default: containers, i.e.
+            ``nn.ModuleList``, ``nn.Sequential`` and TensorDict modules).
+
+    Examples:
+        >>> from sklearn.linear_model import LinearRegression
+        >>> from sklearn.metrics import r2_score
+        >>> manager = ProbeManager(LinearRegression, {}, lambda p, y: {"r2": r2_score(y, p)})
+        >>> probing = Probing(r"\\d$", manager.probe_factory, additional_keys=["labels", "step_type"])
+    """
+
+    default_classes_to_hook: tuple[type, ...] = (nn.Module,)
+    default_classes_to_skip: tuple[type, ...] = (nn.ModuleList, nn.Sequential, TensorDictModuleBase)
+
+    def __init__(
+        self,
+        key_pattern: str,
+        probe_factory: Callable[[str, str], Any],
+        relative: bool = True,
+        directions: Sequence[str] | None = None,
+        additional_keys: Sequence[Any] | None = None,
+        classes_to_hook: Sequence[type] | None = None,
+        classes_to_skip: Sequence[type] | None = None,
+    ) -> None:
+        if not callable(probe_factory):
+            raise TypeError(
+                f"probe_factory must be callable as probe_factory(name, direction), got {type(probe_factory).__name__}. "
+                "Pass e.g. ProbeManager(...).probe_factory."
+            )
+        self.key_pattern = key_pattern
+        self._probe_factory = probe_factory
+        self._relative = relative
+        self._directions = [HookDirection.parse(d) for d in (directions or ["fwd"])]
+        self._additional_keys = list(additional_keys or [])
+        self._classes_to_hook = tuple(classes_to_hook or self.default_classes_to_hook)
+        self._classes_to_skip = tuple(classes_to_skip or self.default_classes_to_skip)
+        self._extras = _Extras()
+
+    @property
+    def key_pattern(self) -> str:
+        return self._key_pattern
+
+    @key_pattern.setter
+    def key_pattern(self, value: str) -> None:
+        self._key_pattern = value
+
+    @property
+    def additional_keys(self) -> list[Any]:
+        return list(self._additional_keys)
+
+    def _plan(self, hooked: HookedModule) -> list[HookSpec]:
+        root = hooked.root if self._relative else hooked
+        selected = select_modules(
+            root,
+            self._key_pattern,
+            classes_to_hook=self._classes_to_hook,
+            classes_to_skip=self._classes_to_skip,
+        )
+        specs = []
+        for direction in self._directions:
+            for name, module in selected:
+                probe = self._probe_factory(name, direction.value)
+                specs.append(HookSpec(module, _ProbeHook(probe, direction, self._extras), direction))
+        return specs
+
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        if self._additional_keys:
+            check_keys(td, self._additional_keys, what="additional (probing)")
+            self._extras.items = {
+                (k if isinstance(k, str) else "_".join(k)): _plain(td.get(k)) for k in self._additional_keys
+            }
+        try:
+            return call_next(td, **kwargs)
+        finally:
+            self._extras.items = {}

@@ -1,0 +1,145 @@
+"""Every method: no hook left, model bit-identical, also after an exception in the ``with`` body."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import tdhook
+from tdhook.contexts import HookingContextFactory
+
+from ._case import ContractCase
+
+_HERE = Path(__file__).parent
+CASES: list[ContractCase] = []
+for info in sorted(pkgutil.iter_modules([str(_HERE)]), key=lambda i: i.name):
+    if info.name.startswith("cases_"):
+        CASES.extend(importlib.import_module(f"{__package__}.{info.name}").CASES)
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a method could leave behind on a model."""
+    state = {}
+    for name, module in model.named_modules():
+        state[f"{name}:class"] = type(module)
+        state[f"{name}:training"] = module.training
+        state[f"{name}:attrs"] = sorted(k for k in vars(module) if not k.startswith("_"))
+        state[f"{name}:forward"] = "forward" in vars(module)
+        for hook_dict in _HOOK_DICTS:
+            state[f"{name}:{hook_dict}"] = len(getattr(module, hook_dict, {}))
+    for name, p in model.named_parameters():
+        state[f"param:{name}"] = (
+            p.detach().clone(),
+            p.requires_grad,
+            None if p.grad is None else p.grad.clone(),
+        )
+    for name, b in model.named_buffers():
+        state[f"buffer:{name}"] = b.clone()
+    state["global_fwd"] = len(torch.nn.modules.module._global_forward_hooks)
+    state["global_pre"] = len(torch.nn.modules.module._global_forward_pre_hooks)
+    state["global_bwd"] = len(torch.nn.modules.module._global_backward_hooks)
+    return state
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        other = after[key]
+        if isinstance(value, tuple):
+            assert torch.equal(value[0], other[0]), key
+            assert value[1] == other[1], key
+            assert (value[2] is None) == (other[2] is None), key
+            if value[2] is not None:
+                assert torch.equal(value[2], other[2]), key
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, other), key
+        else:
+            assert value == other, key
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_state_restored_after_normal_exit(case: ContractCase) -> None:
+    model = case.model()
+    before = snapshot(model)
+    with case.factory().prepare(model, **case.prepare_kwargs) as hooked:
+        hooked(case.data(model))
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_state_restored_after_exception(case: ContractCase) -> None:
+    model = case.model()
+    before = snapshot(model)
+    context = case.factory().prepare(model, **case.prepare_kwargs)
+    try:
+        with context as hooked:
+            hooked(case.data(model))
+            raise _Boom
+    except _Boom:
+        pass
+    else:  # pragma: no cover - the body always raises
+        pytest.fail("the exception was swallowed")
+    assert_same(before, snapshot(model))
+    with pytest.raises(RuntimeError, match="must be called in context"):
+        hooked(case.data(model))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_reentry_and_return_context_false(case: ContractCase) -> None:
+    model = case.model()
+    before = snapshot(model)
+    context = case.factory().prepare(model, **case.prepare_kwargs)
+    with context as hooked:
+        with pytest.raises(RuntimeError, match="Cannot enter context twice"):
+            context.__enter__()
+        hooked(case.data(model))
+    assert_same(before, snapshot(model))
+    hooked = case.factory().prepare(model, return_context=False, **case.prepare_kwargs)
+    hooked(case.data(model))
+    hooked.restore()
+    assert_same(before, snapshot(model))
+
+
+def _exported_methods() -> list[type]:
+    found = set()
+    for package in ("attribution", "latent", "weights"):
+        try:
+            module = importlib.import_module(f"tdhook.{package}")
+        except ImportError:
+            continue
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, HookingContextFactory):
+                found.add(obj)
+    return sorted(found, key=lambda t: t.__name__)
+
+
+def test_every_exported_method_has_a_contract_case() -> None:
+    covered = set()
+    for case in CASES:
+        covered.add(case.covers or type(case.factory()))
+    missing = [m.__name__ for m in _exported_methods() if m not in covered]
+    assert not missing, f"methods without a contract case in tests/contract/cases_*.py: {missing}"
+    assert tdhook.__version__

@@ -377,7 +377,15 @@ class CachingHook:
             previous = cache.get(self.key, None)
             if previous is not None:
                 value = torch.cat([previous, value.to(previous.device)], dim=0)
-        cache.set(self.key, value)
+        if cache.is_locked:  # e.g. memory-mapped: write in place into the preallocated entry
+            if self.key not in cache.keys(include_nested=True):
+                raise HookValueError(
+                    f"Cannot add key {self.key!r} to a locked (e.g. memory-mapped) cache. Preallocate it with the "
+                    f"activation's shape {tuple(value.shape)} before memory-mapping, or unlock the TensorDict."
+                )
+            cache.set_(self.key, value)
+        else:
+            cache.set(self.key, value)
 
 
 def _fit_replacement(value: Any, original: Any, direction: HookDirection) -> Any:

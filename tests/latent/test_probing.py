@@ -1,0 +1,220 @@
+"""Probing, probes, managers and estimators (spec §8.4), against scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.metrics import accuracy_score, r2_score
+from tensordict import TensorDict
+from torch import nn
+
+from tdhook.errors import NoMatchError, NotFittedError, ProbingError
+from tdhook.latent.probing import (
+    BilinearEstimator,
+    BilinearProbeManager,
+    LinearEstimator,
+    LowRankBilinearEstimator,
+    MeanDifferenceClassifier,
+    ProbeManager,
+    Probing,
+)
+
+
+def r2(preds, labels):
+    return {"r2": r2_score(labels, preds)}
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+@pytest.fixture
+def data() -> TensorDict:
+    torch.manual_seed(1)
+    x = torch.randn(64, 4)
+    return TensorDict(input=x, labels=x[:, :1] * 2 - x[:, 1:2], batch_size=[64])
+
+
+def run_probing(probing, model, data):
+    with probing.prepare(model) as hooked:
+        train, test = data[:48].clone(), data[48:].clone()
+        train["step_type"] = "fit"
+        hooked(train)
+        test["step_type"] = "predict"
+        hooked(test)
+
+
+def test_metrics_equal_sklearn_on_manual_activations(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2)
+    run_probing(Probing(r"\d$", manager.probe_factory, additional_keys=["labels", "step_type"]), model, data)
+    assert list(manager.fit_metrics) == ["0_fwd", "1_fwd", "2_fwd", "3_fwd", "4_fwd"]
+    x = data["input"]
+    h = model[1](model[0](x))  # layer 1's output
+    reg = LinearRegression().fit(h[:48].detach().numpy(), data["labels"][:48].numpy())
+    expected_test = r2_score(data["labels"][48:].numpy(), reg.predict(h[48:].detach().numpy()))
+    assert manager.predict_metrics["1_fwd"]["r2"] == pytest.approx(expected_test, rel=1e-5)
+    assert manager.fit_metrics["0_fwd"]["r2"] == pytest.approx(
+        1.0, abs=1e-5
+    )  # labels are linear in the input
+
+
+def test_containers_skipped_and_absolute_names(model, data) -> None:
+    outer = nn.Sequential(model)
+    manager = ProbeManager(LinearRegression, {}, r2)
+    probing = Probing(
+        r"td_module\.module\.0",
+        manager.probe_factory,
+        relative=False,
+        additional_keys=["labels", "step_type"],
+    )
+    run_probing(probing, outer, data)
+    assert "td_module.module.0_fwd" not in manager.fit_metrics  # the inner Sequential is a container
+    assert "td_module.module.0.2_fwd" in manager.fit_metrics
+
+
+def test_fwd_pre_and_bwd_directions(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2, allow_overwrite=True)
+    probing = Probing(
+        "2$", manager.probe_factory, directions=["fwd_pre"], additional_keys=["labels", "step_type"]
+    )
+    run_probing(probing, model, data)
+    assert set(manager.fit_metrics) == {"2_fwd_pre"}
+
+
+def test_missing_step_type_says_to_pass_additional_keys(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2)
+    with (
+        pytest.raises(ProbingError, match=r"step_type must be 'fit' or 'predict', got None.*additional_keys"),
+        Probing("0$", manager.probe_factory).prepare(model) as hooked,
+    ):
+        hooked(data)
+    assert not model[0]._forward_hooks
+
+
+def test_missing_labels_and_bad_step_type(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2)
+    td = data.exclude("labels")
+    td["step_type"] = "fit"
+    with (
+        pytest.raises(ProbingError, match="no labels"),
+        Probing("0$", manager.probe_factory, additional_keys=["step_type"]).prepare(model) as hooked,
+    ):
+        hooked(td)
+    manager = ProbeManager(LinearRegression, {}, r2, allow_overwrite=True)
+    data["step_type"] = "train"
+    with (
+        pytest.raises(ValueError, match="step_type must be 'fit' or 'predict', got 'train'"),
+        Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
+            model
+        ) as hooked,
+    ):
+        hooked(data)
+    with (
+        pytest.raises(KeyError, match=r"Missing additional \(probing\) key\(s\) \['nope'\]"),
+        Probing("0$", manager.probe_factory, additional_keys=["nope"]).prepare(model) as hooked,
+    ):
+        hooked(data)
+
+
+def test_duplicates_without_overwrite(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2)
+    probing = Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"])
+    data["step_type"] = "fit"
+    with probing.prepare(model) as hooked:
+        hooked(data)
+        with pytest.raises(ProbingError, match="Metrics for 0_fwd already exist"):
+            hooked(data)
+    with pytest.raises(ProbingError, match="Probe 0_fwd already exists, call reset_estimators"):
+        probing.prepare(model).__enter__()
+    assert not model[0]._forward_hooks
+    manager.reset_estimators()
+    manager.reset_metrics()
+    with probing.prepare(model) as hooked:
+        hooked(data)
+        with hooked.disable_context_hooks():  # does not re-create probes (spec §13.7)
+            pass
+    assert "0_fwd" in manager.fit_metrics
+
+
+def test_no_match_raises(model) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2)
+    with pytest.raises(NoMatchError, match="matched no module"):
+        Probing("transformer", manager.probe_factory).prepare(model).__enter__()
+
+
+def test_classification_probe_and_preprocess(model, data) -> None:
+    data["labels"] = (data["input"][:, 0] > 0).long()
+    manager = ProbeManager(
+        LogisticRegression,
+        {"max_iter": 500},
+        lambda p, y: {"acc": accuracy_score(y, p)},
+        data_preprocess_callback=lambda d: d.detach().flatten(1) * 10,
+    )
+    run_probing(Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"]), model, data)
+    assert manager.fit_metrics["0_fwd"]["acc"] > 0.8
+
+
+def test_mean_difference_classifier_closed_form() -> None:
+    x = np.array([[1.0, 0.0], [3.0, 0.0], [-1.0, 2.0], [-3.0, 2.0]])
+    y = np.array([1, 1, 0, 0])
+    clf = MeanDifferenceClassifier(normalize=False).fit(x, y)
+    np.testing.assert_allclose(clf.coef_, [[4.0, -2.0]])
+    np.testing.assert_allclose(clf.intercept_, [-0.5 * (4.0 - 8.0)])  # means (2, 0) and (-2, 2)
+    assert clf.predict(x).tolist() == [True, True, False, False]
+    assert clf.predict_proba(x).shape == (4, 2)
+    normed = MeanDifferenceClassifier().fit(x, y)
+    np.testing.assert_allclose(np.linalg.norm(normed.coef_), 1.0)
+    with pytest.raises(NotFittedError, match="Model not fitted"):
+        MeanDifferenceClassifier().coef_
+    with pytest.raises(ValueError, match="Both classes must be present"):
+        clf.fit(x, np.ones(4))
+    with pytest.raises(ValueError, match="Multiclass classification not supported"):
+        clf.fit(x, np.ones((4, 2)))
+
+
+def test_torch_estimators_learn() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 3)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    est = LinearEstimator(3, epochs=200, lr=5e-2, batch_size=64).fit(x, y=y)
+    assert r2_score(y.numpy(), est.predict(x).numpy()) > 0.99
+    with pytest.raises(ValueError, match="Output shape .* does not match target shape"):
+        LinearEstimator(3, epochs=1).fit(x, y=y[:, 0])
+    with pytest.raises(ValueError, match="Linear estimator expects 1 input tensor, got 2"):
+        LinearEstimator(3).predict(x, x)
+    cls = (x[:, 0] > 0).long()
+    est = LinearEstimator(3, num_classes=2, epochs=100, lr=5e-2).fit(x, y=cls)
+    assert (est.predict(x) == cls).float().mean() > 0.95
+    h2 = torch.randn(256, 2)
+    target = (x[:, :1] * h2[:, :1]).detach()
+    for cls_ in (BilinearEstimator, LowRankBilinearEstimator):
+        est = cls_(3, 2, epochs=150, lr=5e-2).fit(x, h2, y=target)
+        assert r2_score(target.numpy(), est.predict(x, h2).numpy()) > 0.9
+    assert LowRankBilinearEstimator(3, 2, bias=False).bias is None
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_bilinear_pairs_work_in_both_modes(model, data, relative) -> None:
+    manager = BilinearProbeManager(
+        [("0", "2"), ("1", "2")], LowRankBilinearEstimator, {"d_latent1": 16, "d_latent2": 8, "epochs": 5}, r2
+    )
+    probing = Probing(
+        manager.key_pattern, manager.probe_factory, relative=relative, additional_keys=["labels", "step_type"]
+    )
+    manager.before_all()
+    run_probing(probing, model, data)
+    manager.after_all()
+    assert set(manager.fit_metrics) == {"0_2_fwd", "1_2_fwd"}
+    assert set(manager.predict_metrics) == {"0_2_fwd", "1_2_fwd"}
+
+
+def test_bilinear_unresolved_pair_raises() -> None:
+    manager = BilinearProbeManager([("a", "b")], BilinearEstimator, {"d_latent1": 2, "d_latent2": 2}, r2)
+    dispatcher = manager.probe_factory("a", "fwd")
+    dispatcher.step(torch.randn(4, 2), labels=torch.randn(4, 1), step_type="fit")
+    with pytest.raises(ValueError, match=r"Bilinear probes still waiting on keys: \['a', 'b'\]"):
+        manager.after_all()

@@ -19,6 +19,7 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "__version__",
+    "attribution",
     "contexts",
     "errors",
     "hooks",

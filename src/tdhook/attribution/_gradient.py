@@ -1,0 +1,718 @@
+"""The shared gradient engine of ``tdhook.attribution`` and the plain gradient methods.
+
+Every gradient method (Saliency, InputXGradient, IntegratedGradients, GradientShap, SmoothGrad,
+GuidedBackpropagation, GradCAM, LRP...) is one :class:`GradientAttribution` parameterisation.
+One call runs, per chunk of sample points, ONE forward pass of the model over all points of the
+chunk (batch ``N * c``) and ONE ``torch.autograd.grad`` (one batched vector-Jacobian product with
+``is_grads_batched=True`` when ``separate_targets=True``), then weights and sums the gradients
+over the points and hands them to the method's ``_grad_attr``.
+
+Extension API (for method authors, e.g. LRP)
+--------------------------------------------
+Subclass :class:`GradientAttribution` once and override only what differs:
+
+* ``__init__``: take the shared arguments (see :class:`GradientAttribution`) and pass them to
+  ``super().__init__(...)``; store your own options.
+* ``_plan(self, hooked) -> list[Installable]``: return ``[*super()._plan(hooked), *yours]``.
+  ``super()._plan`` installs the engine's capture hooks (``input_modules``, ``target_modules``,
+  ``output_grad_callbacks``). Add your reversible edits (rule patches, canonizers, backward hooks)
+  as :class:`~tdhook._core.hooks.HookSpec` values or objects with ``install() -> handle``; the core
+  installs them in order and undoes them in reverse at exit, also after an exception.
+* ``_grad_attr(self, grads, inputs) -> dict``: turn gradients into attributions. ``grads`` and
+  ``inputs`` map each attribution sub-key (an in_key, or an ``input_modules`` key) to a tensor of
+  shape ``(*B, *feature)`` (``(*B, K, *feature)`` with ``separate_targets``); ``inputs`` holds the
+  input values (the activation for a module key), ``(*B, 1, *feature)`` with ``separate_targets``
+  so that ``grads[k] * inputs[k]`` broadcasts. The default returns ``grads`` unchanged, which
+  is what LRP needs (its rules already multiply by the input; the seed is the initial relevance:
+  pass ``init_attr_grads=lambda targets, _: targets`` to seed with the logits).
+* Sampling methods (IG, SmoothGrad, GradientShap) override ``_n_points``, ``_points``,
+  ``_point_weights`` and ``_module_transforms`` (see their docstrings) and set
+  ``self._chunk_size``; ``_prepare_job``/``_finish_job`` add per-call state and extra outputs.
+
+Minimal LRP sketch::
+
+    class LRP(GradientAttribution):
+        def __init__(self, use_inputs=True, ..., cache_callback=None, rule_mapper=None):
+            super().__init__(use_inputs, ..., cache_callback)
+            self._rule_mapper = rule_mapper
+
+        def _plan(self, hooked):
+            return [*super()._plan(hooked), *(_RulePatch(m, rule) for m, rule in ...)]
+
+Contract of every call: the caller's TensorDict is returned, holding its inputs, the model
+outputs (at the real inputs, detached, batch ``B``) and ``(attribution_key, k)`` entries; no
+intermediate key is ever written into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
+
+from .._core.context import HookedModule, HookingContext, HookingContextFactory
+from .._core.hooks import HookDirection, HookSpec, Installable, SettingHook, check_callback
+from .._core.keys import check_keys
+from ._errors import KEYS, AttributionError, IntegerInputError, TargetError
+
+__all__ = [
+    "AttrCallback",
+    "GradientAttribution",
+    "InputXGradient",
+    "Saliency",
+]
+
+#: ``f(td, additional) -> TensorDict``: the signature of every ``init_attr_*`` callback.
+AttrCallback = Callable[[TensorDictBase, TensorDictBase], TensorDictBase]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-call state shared with the hooks (hooks are frozen values holding a reference to it)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CallState:
+    """What the capture hooks of one context share with the running call.
+
+    ``active`` is False outside the differentiated forward, so extra passes (outputs at the real
+    input, baselines) run the plain model.
+    """
+
+    active: bool = False
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    record: dict[str, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self.active = False
+        self.inputs = {}
+        self.targets = {}
+        self.transforms = {}
+        self.record = None
+
+
+@dataclass(frozen=True)
+class _InputModuleHook:
+    """Forward hook on an ``input_modules`` entry: capture (or replace) its output.
+
+    The output is captured as it is when it is part of the graph; otherwise (frozen weights, an
+    embedding of integer ids) it is replaced by a leaf that requires grad. A sampling method may
+    register a transform (e.g. IG's interpolation in activation space) that replaces it.
+    """
+
+    key: str
+    state: _CallState
+    callback: Callable[..., Any] | None = None
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        state = self.state
+        value = output
+        if self.callback is not None:
+            value = self.callback(module=module, args=args, output=output, key=self.key, direction="fwd")
+        if state.record is not None:
+            state.record[self.key] = value.detach() if isinstance(value, torch.Tensor) else value
+            return None
+        if not state.active:
+            return None
+        if not isinstance(value, torch.Tensor):
+            raise AttributionError(
+                f"input module {self.key!r} returned a {type(value).__name__}, expected a tensor. "
+                "Pass cache_callback=lambda output, **_: output[0] to select the tensor to attribute to."
+            )
+        transform = state.transforms.get(self.key)
+        replaced = False
+        if transform is not None:
+            value = transform(value)
+            replaced = True
+        elif not value.requires_grad:
+            value = value.detach().requires_grad_(True)
+            replaced = True
+        if replaced and self.callback is not None:
+            raise AttributionError(
+                f"input module {self.key!r}: the value selected by cache_callback must be part of the "
+                "autograd graph to be replaced. Attribute to a module whose whole output is a tensor."
+            )
+        state.inputs[self.key] = value
+        return value if replaced else None
+
+
+@dataclass(frozen=True)
+class _TargetModuleHook:
+    """Forward hook on a ``target_modules`` entry: capture its output as a target."""
+
+    key: str
+    state: _CallState
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.state.active:
+            if not isinstance(output, torch.Tensor):
+                raise AttributionError(
+                    f"target module {self.key!r} returned a {type(output).__name__}, expected a tensor. "
+                    "Target a submodule whose output is a tensor."
+                )
+            self.state.targets[self.key] = output
+
+
+@dataclass
+class _Job:
+    """Everything one call needs, in flat layout (batch ``N = prod(B)`` first)."""
+
+    td: TensorDictBase
+    batch: torch.Size
+    n: int
+    model_inputs: dict[NestedKey, torch.Tensor]
+    attributed: list[NestedKey]
+    additional: TensorDictBase | None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _flat(value: torch.Tensor, n_batch_dims: int, n: int) -> torch.Tensor:
+    return value.reshape(n, *value.shape[n_batch_dims:])
+
+
+def _unflat(value: Any, batch: torch.Size) -> Any:
+    if isinstance(value, TensorDictBase):
+        return value.reshape(batch)
+    return value.reshape(*batch, *value.shape[1:])
+
+
+def _key_str(key: NestedKey) -> str:
+    return key if isinstance(key, str) else ".".join(key)
+
+
+def _leaves(name: Any, value: Any) -> Iterable[tuple[Any, torch.Tensor]]:
+    if isinstance(value, TensorDictBase):
+        for k, v in value.items(include_nested=True, leaves_only=True):
+            yield ((name, *k) if isinstance(k, tuple) else (name, k)), v
+    else:
+        yield name, value
+
+
+def _check_callback_result(value: Any, name: str) -> TensorDictBase:
+    if not isinstance(value, TensorDictBase):
+        raise AttributionError(
+            f"{name} function must return a TensorDict, got {type(value).__name__}. "
+            f"Wrap the result: TensorDict(out=..., batch_size=td.batch_size)."
+        )
+    return value
+
+
+class GradientAttribution(HookingContextFactory):
+    """Base of every gradient method: attribute targets to inputs and latent activations.
+
+    With the defaults, ``(attribution_key, in_key)`` is the gradient of the sum of all model
+    outputs with respect to each model input. The targets, the seeds of the backward pass, the
+    inputs and the latent activations attributed to are configurable; see the module docstring
+    for the extension API.
+
+    Args:
+        use_inputs: Attribute to the model inputs (``hooked.in_keys``: a subset if ``prepare``
+            got ``in_keys``).
+        use_outputs: Use the model outputs (``hooked.out_keys``) as targets.
+        input_modules: Module paths (relative to the model) whose outputs are also attributed
+            to, under ``(attribution_key, path)``. Use it with ``use_inputs=False`` for integer
+            inputs (attribute to the embedding output).
+        target_modules: Module paths whose outputs are targets too (keyed by path).
+        init_attr_targets: ``f(targets, additional) -> TensorDict`` choosing the targets from the
+            outputs (batch ``B``, or ``(*B, n_points)`` for sampling methods; ``additional`` has
+            the same batch).
+        init_attr_inputs: ``f(inputs, additional) -> TensorDict`` returning the inputs to
+            attribute to (a subset, possibly transformed); replaces ``use_inputs``' choice.
+        init_attr_cache_in: ``f(activations, additional) -> TensorDict`` selecting the captured
+            ``input_modules`` activations to attribute to.
+        init_attr_grads: ``f(targets, additional) -> TensorDict`` giving the seeds of the
+            backward pass (default: ones, i.e. the gradient of the sum of the targets). With
+            ``separate_targets`` each seed has a leading ``K`` dimension.
+        additional_init_keys: TensorDict keys passed to the callbacks as ``additional``.
+        output_grad_callbacks: ``{module_path: cb}``; ``cb(module=, grad_output=, value=None,
+            direction=)`` returns a replacement ``grad_output`` tuple (e.g. masking).
+        attribution_key: Root key of the results.
+        clean_intermediate_keys: Kept for compatibility: intermediates are never written into the
+            caller's TensorDict.
+        cache_callback: ``f(module=, args=, output=, key=, direction=)`` selecting the tensor of
+            an ``input_modules`` output to attribute to (e.g. ``output[0]``).
+        targets: Output indices (last dimension of every target) to attribute. ``None``: the
+            whole targets.
+        separate_targets: With ``targets``, compute one map per index in one forward pass and one
+            batched backward pass; results have shape ``(*B, K, *feature)``.
+
+    Raises:
+        AttributionError: For invalid arguments (a ``ValueError``).
+    """
+
+    _needs_tensordict = True
+
+    def __init__(
+        self,
+        use_inputs: bool = True,
+        use_outputs: bool = True,
+        input_modules: Sequence[str] | None = None,
+        target_modules: Sequence[str] | None = None,
+        init_attr_targets: AttrCallback | None = None,
+        init_attr_inputs: AttrCallback | None = None,
+        init_attr_cache_in: AttrCallback | None = None,
+        init_attr_grads: AttrCallback | None = None,
+        additional_init_keys: Sequence[NestedKey] | None = None,
+        output_grad_callbacks: Mapping[str, Callable[..., Any]] | None = None,
+        attribution_key: str = KEYS.attr,
+        clean_intermediate_keys: bool = True,
+        cache_callback: Callable[..., Any] | None = None,
+        *,
+        targets: int | Sequence[int] | None = None,
+        separate_targets: bool = False,
+    ) -> None:
+        self.use_inputs = bool(use_inputs)
+        self.use_outputs = bool(use_outputs)
+        self.input_modules = [str(m) for m in (input_modules or [])]
+        self.target_modules = [str(m) for m in (target_modules or [])]
+        for name, fn in (
+            ("init_attr_targets", init_attr_targets),
+            ("init_attr_inputs", init_attr_inputs),
+            ("init_attr_cache_in", init_attr_cache_in),
+            ("init_attr_grads", init_attr_grads),
+        ):
+            if fn is not None and not callable(fn):
+                raise AttributionError(
+                    f"{name} must be callable as f(td, additional) -> TensorDict, got {type(fn).__name__}."
+                )
+        self.init_attr_targets = init_attr_targets
+        self.init_attr_inputs = init_attr_inputs
+        self.init_attr_cache_in = init_attr_cache_in
+        self.init_attr_grads = init_attr_grads
+        self.additional_init_keys = list(additional_init_keys or [])
+        self.output_grad_callbacks = dict(output_grad_callbacks or {})
+        for cb in self.output_grad_callbacks.values():
+            check_callback(cb, HookDirection.BWD_PRE, ("value", "direction"))
+        self.attribution_key = attribution_key
+        self.clean_intermediate_keys = clean_intermediate_keys
+        self.cache_callback = cache_callback
+        if targets is not None and not isinstance(targets, int):
+            targets = [int(t) for t in targets]
+            if not targets:
+                raise AttributionError("targets is empty; pass at least one output index, or None.")
+        if separate_targets and (targets is None or isinstance(targets, int)) and init_attr_grads is None:
+            raise AttributionError(
+                f"separate_targets=True needs several targets (targets=[i, j, ...]) or an init_attr_grads "
+                f"returning seeds with a leading K dimension; got targets={targets!r}."
+            )
+        self.targets = targets
+        self.separate_targets = bool(separate_targets)
+        self._chunk_size: int | None = None
+        self._state = _CallState()
+
+    # -- extension points (see the module docstring) -------------------------------------------
+    def _plan(self, hooked: HookedModule) -> list[Installable]:
+        plan: list[Installable] = []
+        for key in self.input_modules:
+            plan.append(
+                HookSpec(hooked.resolve(key), _InputModuleHook(key, self._state, self.cache_callback))
+            )
+        for key in self.target_modules:
+            plan.append(HookSpec(hooked.resolve(key), _TargetModuleHook(key, self._state)))
+        for key, cb in self.output_grad_callbacks.items():
+            plan.append(
+                HookSpec(
+                    hooked.resolve(key), SettingHook(None, HookDirection.BWD_PRE, cb), HookDirection.BWD_PRE
+                )
+            )
+        return plan
+
+    def _enter(self, context: HookingContext) -> None:
+        clash = [k for k in self.additional_init_keys if k in context.in_keys or k in context.out_keys]
+        if clash:
+            raise AttributionError(
+                f"Additional init keys must not be in the in_keys or out_keys: {clash} "
+                f"(in_keys={context.in_keys}, out_keys={context.out_keys}). Store them under other keys."
+            )
+        self._state.reset()
+
+    def _exit(self, context: HookingContext) -> None:
+        self._state.reset()
+
+    def _grad_attr(
+        self, grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Turn gradients into attributions (per sub-key; shapes ``(*B[, K], *feature)``)."""
+        return grads
+
+    def _n_points(self, job: _Job) -> int:
+        """Number of sample points per input (IG steps, noise samples). 1: the input itself."""
+        return 1
+
+    def _points(self, job: _Job, start: int, stop: int) -> dict[NestedKey, torch.Tensor]:
+        """Attributed inputs at points ``start:stop``, flat ``(N * (stop - start), ...)``, N-major."""
+        return {k: job.model_inputs[k] for k in job.attributed}
+
+    def _point_weights(self, job: _Job, start: int, stop: int) -> torch.Tensor | None:
+        """Weights of points ``start:stop`` in the sum over points (``None``: plain sum)."""
+        return None
+
+    def _module_transforms(
+        self, job: _Job, start: int, stop: int
+    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Replacements of ``input_modules`` outputs at points ``start:stop`` (leaves needing grad)."""
+        return {}
+
+    def _prepare_job(self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any]) -> None:
+        """Per-call set-up (read baselines, draw noise...), before the gradient passes."""
+
+    def _finish_job(
+        self,
+        hooked: HookedModule,
+        job: _Job,
+        call_next: Callable[..., Any],
+        attrs: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor],
+    ) -> None:
+        """Per-call extras (e.g. IG's convergence delta), written into ``job.td``."""
+
+    # -- the engine -----------------------------------------------------------------------------
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        job = self._make_job(hooked, td)
+        self._prepare_job(hooked, job, call_next)
+        grads, inputs, outputs = self._gradients(hooked, job, call_next, **kwargs)
+        if outputs is None:
+            outputs = self._plain_outputs(hooked, job, call_next, **kwargs)
+        batch = job.batch
+        grads_b = {k: _unflat_k(v, batch, self.separate_targets) for k, v in grads.items()}
+        inputs_b = {k: _unflat_k(v, batch, False) for k, v in inputs.items()}
+        if self.separate_targets:  # broadcast against (*B, K, *feature)
+            inputs_b = {k: v.unsqueeze(len(batch)) for k, v in inputs_b.items()}
+        attrs = self._grad_attr(grads_b, inputs_b)
+        for key in hooked.out_keys:
+            td.set(key, outputs[key])
+        for key, value in attrs.items():
+            td.set((self.attribution_key, key), value)
+        self._finish_job(hooked, job, call_next, attrs, inputs_b)
+        return td
+
+    def _make_job(self, hooked: HookedModule, td: TensorDictBase) -> _Job:
+        if not isinstance(td, TensorDictBase):
+            raise AttributionError(f"{type(self).__name__} needs a TensorDict, got {type(td).__name__}.")
+        model_keys = list(hooked.td_module.in_keys)
+        check_keys(td, model_keys)
+        batch = td.batch_size
+        nb = len(batch)
+        n = batch.numel()
+        model_inputs = {k: _flat(td.get(k), nb, n) for k in model_keys}
+        additional = None
+        if self.additional_init_keys:
+            check_keys(td, self.additional_init_keys, what="additional_init_keys")
+            additional = td.select(*self.additional_init_keys)
+        if self.init_attr_inputs is not None:
+            inputs_td = td.select(*model_keys)
+            chosen = _check_callback_result(
+                self.init_attr_inputs(inputs_td, _empty(additional, batch)), "init_attr_inputs"
+            )
+            attributed = list(chosen.keys(include_nested=True, leaves_only=True))
+            for k in attributed:
+                model_inputs[k] = _flat(chosen.get(k), nb, n)
+        elif self.use_inputs:
+            attributed = list(hooked.in_keys)
+        else:
+            attributed = []
+        for k in attributed:
+            value = model_inputs[k]
+            if not torch.is_floating_point(value) and not torch.is_complex(value):
+                raise IntegerInputError(
+                    f"Cannot differentiate input {k!r} of dtype {value.dtype}: only floating point inputs "
+                    f"have gradients. For token ids, attribute to the embedding output instead: "
+                    f"{type(self).__name__}(input_modules=['embedding'], use_inputs=False) "
+                    "(the path of your embedding module)."
+                )
+        if not attributed and not self.input_modules:
+            raise AttributionError(
+                f"{type(self).__name__} has nothing to attribute to: use_inputs=False and no input_modules. "
+                "Set use_inputs=True or pass input_modules=[...]."
+            )
+        if not self.use_outputs and not self.target_modules and self.init_attr_targets is None:
+            raise AttributionError(
+                "No targets: use_outputs=False and no target_modules. Set use_outputs=True or pass "
+                "target_modules=[...]."
+            )
+        return _Job(td, batch, n, model_inputs, attributed, additional)
+
+    def _gradients(
+        self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any], **kwargs: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[NestedKey, Any] | None]:
+        n = job.n
+        n_points = self._n_points(job)
+        chunk = self._chunk_size or n_points
+        state = self._state
+        acc: dict[str, torch.Tensor] = {}
+        inputs_at: dict[str, torch.Tensor] = {}
+        outputs: dict[NestedKey, Any] | None = None
+        separate = self.separate_targets
+        for start in range(0, n_points, chunk):
+            stop = min(n_points, start + chunk)
+            c = stop - start
+            points = self._points(job, start, stop)
+            work = TensorDict(batch_size=[n * c], device=job.td.device)
+            leaves: dict[NestedKey, torch.Tensor] = {}
+            for key, value in job.model_inputs.items():
+                if key in points:
+                    leaf = points[key].detach().requires_grad_(True)
+                    leaves[key] = leaf
+                    work.set(key, leaf)
+                elif c == 1:
+                    work.set(key, value)
+                else:
+                    work.set(key, value.repeat_interleave(c, dim=0))
+            state.inputs = {}
+            state.targets = {}
+            state.transforms = self._module_transforms(job, start, stop)
+            state.active = True
+            try:
+                out = call_next(work, **kwargs)
+            finally:
+                state.active = False
+                state.transforms = {}
+            captured = state.inputs
+            state.inputs = {}
+            module_targets = state.targets
+            state.targets = {}
+            if n_points == 1:
+                outputs = {k: _unflat(_detach(out.get(k)), job.batch) for k in hooked.out_keys}
+            diff_names: list[str] = [_key_str(k) for k in leaves]
+            diff: list[torch.Tensor] = list(leaves.values())
+            values = dict(zip(diff_names, (job.model_inputs[k] for k in leaves)))
+            if self.init_attr_cache_in is not None and captured:
+                sel = _check_callback_result(
+                    self.init_attr_cache_in(
+                        TensorDict(captured, batch_size=[n * c]), _empty(job.additional, [n * c])
+                    ),
+                    "init_attr_cache_in",
+                )
+                captured = {_key_str(k): v for k, v in sel.items(include_nested=True, leaves_only=True)}
+            for key, value in captured.items():
+                diff_names.append(key)
+                diff.append(value)
+                values[key] = value.detach()
+            t_list, s_list = self._targets_and_seeds(hooked, job, out, module_targets, c)
+            grads = torch.autograd.grad(
+                t_list, diff, s_list, allow_unused=True, is_grads_batched=separate, materialize_grads=False
+            )
+            weights = self._point_weights(job, start, stop)
+            for name, grad in zip(diff_names, grads):
+                if grad is None:
+                    raise TargetError(
+                        f"The targets do not depend on {name!r}: its gradient is undefined. Check "
+                        "init_attr_targets / target_modules (a target computed from detached values or "
+                        "from another input), or drop this input (init_attr_inputs / in_keys)."
+                    )
+                reduced = _reduce_points(grad, n, c, weights, separate)
+                acc[name] = reduced if name not in acc else acc[name] + reduced
+                if name not in inputs_at:
+                    v = values[name]
+                    inputs_at[name] = v if n_points == 1 else v.reshape(n, c, *v.shape[1:])[:, -1]
+        return acc, inputs_at, outputs
+
+    def _targets_and_seeds(
+        self,
+        hooked: HookedModule,
+        job: _Job,
+        out: TensorDictBase,
+        module_targets: dict[str, torch.Tensor],
+        c: int,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        shape = (*job.batch, c) if c > 1 else tuple(job.batch)
+        entries: list[tuple[Any, torch.Tensor]] = []
+        if self.use_outputs:
+            for key in hooked.out_keys:
+                entries.extend(_leaves(key, out.get(key)))
+        for key in self.target_modules:
+            if key not in module_targets:
+                raise TargetError(
+                    f"target module {key!r} did not run during the forward pass. Target a module on the "
+                    "path from the inputs to the outputs."
+                )
+            entries.append((key, module_targets[key]))
+        callback_batch = torch.Size(shape)
+        additional = None
+        if self.init_attr_targets is not None or self.init_attr_grads is not None:
+            additional = _expand_additional(job.additional, job.batch, c)
+        if self.init_attr_targets is not None:
+            targets_td = TensorDict(batch_size=callback_batch, device=job.td.device)
+            for key, value in entries:
+                targets_td.set(key, value.reshape(*shape, *value.shape[1:]))
+            targets_td = _check_callback_result(
+                self.init_attr_targets(targets_td, _empty(additional, callback_batch)), "init_attr_targets"
+            )
+            entries = list(targets_td.items(include_nested=True, leaves_only=True))
+        for key, value in entries:
+            if value.grad_fn is None:
+                raise TargetError(
+                    f"Target {key!r} has no grad_fn: it does not depend on the attributed inputs. Attribute "
+                    "to inputs the target is computed from, and do not detach or compute it under no_grad."
+                )
+        t_list = [v for _, v in entries]
+        if self.init_attr_grads is not None:
+            t_td = TensorDict(dict(entries), batch_size=[]) if entries else TensorDict()
+            seeds_td = _check_callback_result(
+                self.init_attr_grads(t_td, _empty(additional, callback_batch)), "init_attr_grads"
+            )
+            keys_t = {_key_str(k) if isinstance(k, tuple) else k for k, _ in entries}
+            keys_s = {
+                _key_str(k) if isinstance(k, tuple) else k
+                for k in seeds_td.keys(include_nested=True, leaves_only=True)
+            }
+            if keys_t != keys_s:
+                raise AttributionError(
+                    f"Targets and init_grads must have the same keys: targets {sorted(keys_t)}, "
+                    f"seeds {sorted(keys_s)}."
+                )
+            s_list = []
+            for key, value in entries:
+                seed = seeds_td.get(key)
+                expected = ((seed.shape[0],) if self.separate_targets else ()) + tuple(value.shape)
+                if tuple(seed.shape) != expected:
+                    raise AttributionError(
+                        f"init_grads should have the same batch size as targets: seed {key!r} has shape "
+                        f"{tuple(seed.shape)}, expected {expected}"
+                        + (
+                            " (a leading K dimension with separate_targets)."
+                            if self.separate_targets
+                            else "."
+                        )
+                    )
+                s_list.append(seed.to(value.dtype))
+            return t_list, s_list
+        return t_list, [self._default_seed(v) for v in t_list]
+
+    def _default_seed(self, target: torch.Tensor) -> torch.Tensor:
+        idx = self.targets
+        if idx is None:
+            return torch.ones_like(target)
+        size = target.shape[-1] if target.dim() else 1
+        indices = [idx] if isinstance(idx, int) else idx
+        bad = [i for i in indices if not -size <= i < size]
+        if bad or target.dim() == 0:
+            raise TargetError(
+                f"targets {bad or indices} out of range for a target of shape {tuple(target.shape)}: indices "
+                f"select the last dimension (size {size})."
+            )
+        if not self.separate_targets:
+            seed = torch.zeros_like(target)
+            seed[..., indices] = 1
+            return seed
+        k = len(indices)
+        seed = target.new_zeros((k, *target.shape))
+        eye = torch.eye(size, dtype=target.dtype, device=target.device)[indices]
+        return seed + eye.view(k, *([1] * (target.dim() - 1)), size)
+
+    def _plain_outputs(
+        self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any], **kwargs: Any
+    ) -> dict[NestedKey, Any]:
+        """Model outputs at the real inputs (one no-grad pass; used by sampling methods)."""
+        work = TensorDict(batch_size=[job.n], device=job.td.device)
+        for key, value in job.model_inputs.items():
+            work.set(key, value)
+        with torch.no_grad():
+            out = call_next(work, **kwargs)
+        return {k: _unflat(out.get(k), job.batch) for k in hooked.out_keys}
+
+
+def _detach(value: Any) -> Any:
+    return value.detach()
+
+
+def _empty(additional: TensorDictBase | None, batch: Sequence[int]) -> TensorDictBase:
+    return additional if additional is not None else TensorDict(batch_size=batch)
+
+
+def _expand_additional(additional: TensorDictBase | None, batch: torch.Size, c: int) -> TensorDictBase | None:
+    if additional is None or c == 1:
+        return additional
+    return additional.unsqueeze(len(batch)).expand(*batch, c)
+
+
+def _reduce_points(
+    grad: torch.Tensor, n: int, c: int, weights: torch.Tensor | None, separate: bool
+) -> torch.Tensor:
+    """Sum (weighted) over the ``c`` points of each of the ``n`` rows; keep a leading K if separate."""
+    if c == 1 and weights is None:
+        return grad
+    lead = 1 if separate else 0
+    g = grad.unflatten(lead, (n, c))
+    if weights is None:
+        return g.sum(lead + 1)
+    w = weights.to(g.dtype).view(c, *([1] * (g.dim() - lead - 2)))
+    return (g * w).sum(lead + 1)
+
+
+def _unflat_k(value: torch.Tensor, batch: torch.Size, separate: bool) -> torch.Tensor:
+    """``(N, ...)`` → ``(*B, ...)``; ``(K, N, ...)`` → ``(*B, K, ...)``."""
+    if separate:
+        value = value.movedim(0, 1)
+    return value.reshape(*batch, *value.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Saliency and InputXGradient
+# ----------------------------------------------------------------------------------------------
+
+
+def gradient_times_input(
+    grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], *, absolute: bool, multiply: bool
+) -> dict[str, torch.Tensor]:
+    """``|grad|`` and/or ``grad × input``, per key (broadcasting over a ``K`` dimension)."""
+    out = {}
+    for key, grad in grads.items():
+        value = grad.abs() if absolute else grad
+        if multiply:
+            value = value * inputs[key]
+        out[key] = value
+    return out
+
+
+class Saliency(GradientAttribution):
+    """The gradient of the targets with respect to the inputs (Simonyan et al., 2014).
+
+    Args:
+        *args: The shared arguments of :class:`GradientAttribution`, in order.
+        absolute: Return ``|grad|`` (captum ``Saliency(abs=True)``; captum's default).
+        multiply_by_inputs: Return ``grad × input`` (= :class:`InputXGradient`); for
+            ``input_modules`` the input is the activation.
+        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> model = torch.nn.Linear(3, 2)
+        >>> with Saliency(targets=[1]).prepare(model) as hooked:
+        ...     td = hooked(TensorDict(input=torch.randn(4, 3), batch_size=[4]))
+        >>> td["attr", "input"].shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(
+        self, *args: Any, absolute: bool = False, multiply_by_inputs: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.absolute = bool(absolute)
+        self.multiply_by_inputs = bool(multiply_by_inputs)
+
+    def _grad_attr(
+        self, grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return gradient_times_input(grads, inputs, absolute=self.absolute, multiply=self.multiply_by_inputs)
+
+
+class InputXGradient(Saliency):
+    """Gradient × input (captum ``InputXGradient``): :class:`Saliency` with ``multiply_by_inputs``.
+
+    Args:
+        *args: The shared arguments of :class:`GradientAttribution`, in order.
+        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, multiply_by_inputs=True, **kwargs)

@@ -1,0 +1,26 @@
+"""Contract cases of the attribution family (gradient and perturbation methods)."""
+
+from __future__ import annotations
+
+from tdhook.attribution import GradientAttribution, InputXGradient, Saliency
+
+from ._case import ContractCase, mlp_data, small_mlp
+
+CASES = [
+    ContractCase("gradient-attribution", GradientAttribution, small_mlp, mlp_data),
+    ContractCase("saliency", lambda: Saliency(targets=1, absolute=True), small_mlp, mlp_data),
+    ContractCase(
+        "saliency-latent",
+        lambda: Saliency(
+            input_modules=["2"], target_modules=["4"], output_grad_callbacks={"2": lambda **_: None}
+        ),
+        small_mlp,
+        mlp_data,
+    ),
+    ContractCase(
+        "input-x-gradient-separate",
+        lambda: InputXGradient(targets=[0, 2], separate_targets=True),
+        small_mlp,
+        mlp_data,
+    ),
+]

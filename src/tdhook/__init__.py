@@ -25,6 +25,7 @@ __all__ = [
     "hooks",
     "latent",
     "modules",
+    "weights",
 ]
 
 _SUBMODULES = frozenset(__all__) - {"__version__"}

@@ -730,35 +730,100 @@ HookingContextFactory._hooking_context_class = HookingContext
 
 
 class _CompositeContext(HookingContextWithCache):
+    """The context of a :class:`CompositeHookingContextFactory`: every component, one cache."""
+
     def _factories(self) -> list[HookingContextFactory]:
-        return list(self.factory._factories)  # type: ignore[attr-defined]
+        return list(self.factory.factories)  # type: ignore[attr-defined]
+
+
+def _flatten_factories(factories: Iterable[Any]) -> list[HookingContextFactory]:
+    flat: list[HookingContextFactory] = []
+    for f in factories:
+        if isinstance(f, CompositeHookingContextFactory):
+            flat.extend(f.factories)
+        elif isinstance(f, HookingContextFactory):
+            flat.append(f)
+        else:
+            raise InvalidInputError(
+                f"CompositeHookingContextFactory takes method instances, got {type(f).__name__}. "
+                "Pass configured methods, e.g. CompositeHookingContextFactory(SteeringVectors(...), ActivationCaching(...))."
+            )
+    return flat
+
+
+def _most_derived_module_class(factories: Sequence[HookingContextFactory]) -> type[HookedModule]:
+    """The one hooked-module class that is a subclass of every component's class."""
+    chosen: type[HookedModule] = HookedModule
+    for f in factories:
+        cls = f._hooked_module_class
+        if issubclass(cls, chosen):
+            chosen = cls
+        elif not issubclass(chosen, cls):
+            names = sorted({type(g).__name__ + " -> " + g._hooked_module_class.__name__ for g in factories})
+            raise ValueError(
+                f"Cannot compose methods that need unrelated hooked-module classes ({', '.join(names)}). "
+                "Use them in nested `with` blocks instead, or subclass one hooked-module class from the other."
+            )
+    return chosen
 
 
 class CompositeHookingContextFactory(HookingContextFactory):
-    """Several methods in one forward pass.
+    """Several methods in one context: hook-only and pipeline methods, in one forward pass.
 
-    Every component's plan is installed in the given order (so hooks on the same module fire in
-    that order), and every component's ``_call`` wraps the next one: the first factory is the
-    outermost. Hook-only methods (caching, steering, probing) compose with one pipeline method
-    (patching, attribution). The context has a ``.cache`` shared with caching components.
+    Order, deterministic and documented:
+
+    1. **Calls.** Every component's ``_call`` wraps the next one's: the *first* factory is the
+       outermost, the last one's ``call_next`` runs the model. A pipeline method that runs the
+       model several times (patching: clean then patched run; ActivationAddition: positive then
+       negative run) runs everything after it in the list that many times.
+    2. **Hooks.** Plans are built and installed in the given order, so hooks on the same module
+       fire in that order, each seeing the value left by the previous ones (a cache listed after
+       a steering method on the same module stores the steered output). Reversible edits
+       (pruning, task vectors) are undone in reverse order at exit, also after an exception.
+    3. **Runs.** The hooks of every component fire in every model run, including the extra
+       runs of a pipeline method: steering applies to the clean and the patched runs, and a
+       cache holds the values of the last run (the patched one).
+
+    The context has a ``.cache`` shared with caching components. Nested composites are
+    flattened. The hooked module is the most derived class the components need (e.g.
+    ``HookedModuleWithAdapters`` when ``Adapters`` is one of them).
 
     Args:
-        *factories: The methods to compose.
+        *factories: The methods to compose (configured instances).
+
+    Raises:
+        ValueError: With no factory, or with components needing unrelated hooked-module classes.
+        InvalidInputError: If an argument is not a method instance.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tdhook.latent import ActivationCaching, ActivationPatching, SteeringVectors
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> composite = CompositeHookingContextFactory(
+        ...     SteeringVectors(["0"], vectors={"0": torch.ones(4)}), ActivationPatching(["1"]), ActivationCaching("2")
+        ... )
+        >>> td = TensorDict({"input": torch.randn(2, 3), ("patched", "input"): torch.randn(2, 3)}, batch_size=[2])
+        >>> with composite.prepare(model) as hooked:
+        ...     td = hooked(td)
+        >>> sorted(hooked.hooking_context.cache.keys())
+        ['2']
     """
 
     _hooking_context_class = _CompositeContext
 
     def __init__(self, *factories: HookingContextFactory) -> None:
         if not factories:
-            raise ValueError("CompositeHookingContextFactory needs at least one factory.")
-        for f in factories:
-            if not isinstance(f, HookingContextFactory):
-                raise InvalidInputError(
-                    f"CompositeHookingContextFactory takes method instances, got {type(f).__name__}."
-                )
-        self._factories = tuple(factories)
-        self._needs_tensordict = any(f._needs_tensordict for f in factories)
+            raise ValueError(
+                "CompositeHookingContextFactory needs at least one factory, e.g. "
+                "CompositeHookingContextFactory(SteeringVectors(...), ActivationCaching(...))."
+            )
+        flat = _flatten_factories(factories)
+        self._factories = tuple(flat)
+        self._needs_tensordict = any(f._needs_tensordict for f in flat)
+        self._hooked_module_class = _most_derived_module_class(flat)
 
     @property
     def factories(self) -> tuple[HookingContextFactory, ...]:
+        """The components, in call and installation order (nested composites flattened)."""
         return self._factories

@@ -1,6 +1,8 @@
 """Latent-space methods: caching, patching, steering, probing, dimension and similarity."""
 
 from ._caching import ActivationCaching
+from ._patching import ActivationPatching
+from ._steering import ActivationAddition, SteeringVectors
 from .probing import (
     BilinearProbe,
     BilinearProbeManager,
@@ -13,7 +15,9 @@ from .probing import (
 )
 
 __all__ = [
+    "ActivationAddition",
     "ActivationCaching",
+    "ActivationPatching",
     "BilinearProbe",
     "BilinearProbeManager",
     "LinearEstimator",
@@ -22,4 +26,5 @@ __all__ = [
     "Probe",
     "ProbeManager",
     "Probing",
+    "SteeringVectors",
 ]

@@ -1,0 +1,297 @@
+"""Steering: edit module outputs (``SteeringVectors``) and compute steering vectors (``ActivationAddition``).
+
+``SteeringVectors`` is hook-only: every call of the model inside the context is steered.
+``ActivationAddition`` is a pipeline method: one call runs the model on a positive and a negative
+input and writes the mean activation difference of each module to ``("steer", module_key)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+
+from .._core.context import HookedModule, HookingContextFactory
+from .._core.hooks import HookDirection, HookSpec, check_callback
+from .._core.keys import check_keys
+from ._patching import (
+    InterventionError,
+    InterventionShapeError,
+    Phase,
+    RunState,
+    branch,
+    check_keywords,
+    fit_replacement,
+    join_key,
+    normalize_module_keys,
+    recording_plan,
+)
+
+__all__ = ["ActivationAddition", "SteeringVectors"]
+
+#: Intermediate keys written only with ``clean_intermediate_keys=False`` (tdhook 0.1's names).
+_POSITIVE_CACHE_KEY = "_positive_cache"
+_NEGATIVE_CACHE_KEY = "_negative_cache"
+_POSITIVE_OUT_KEY = "_positive_out"
+_NEGATIVE_OUT_KEY = "_negative_out"
+
+
+@dataclass(frozen=True)
+class AddVector:
+    """A ``steer_fn`` that adds ``scale * vectors[module_key]`` to the module's output.
+
+    The vector must broadcast to the output's shape without changing it (e.g. ``[D]`` or
+    ``[T, D]`` for an output ``[B, T, D]``).
+    """
+
+    vectors: Mapping[str, torch.Tensor]
+    scale: float = 1.0
+
+    def __call__(self, module_key: str, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise InterventionError(
+                f"Module {module_key!r} returns a {type(output).__name__}, not a tensor, so a vector cannot be "
+                "added to it. Pass a steer_fn instead, e.g. `lambda module_key, output: (output[0] + v, *output[1:])`."
+            )
+        vector = self.vectors[module_key]
+        try:
+            shape = torch.broadcast_shapes(vector.shape, output.shape)
+        except RuntimeError:
+            shape = None
+        if shape != output.shape:
+            raise InterventionShapeError(
+                f"The steering vector of module {module_key!r} has shape {tuple(vector.shape)}, which does not "
+                f"broadcast to the module's output shape {tuple(output.shape)}. Use a vector whose shape is a "
+                f"suffix of the output's, e.g. {tuple(output.shape[-1:])} or {tuple(output.shape[1:])}."
+            )
+        return output + self.scale * vector.to(device=output.device, dtype=output.dtype)
+
+
+@dataclass(frozen=True)
+class SteeringHook:
+    """Forward hook replacing a module's output by ``steer_fn(module_key=..., output=...)``."""
+
+    module_key: str
+    steer_fn: Callable[..., Any]
+
+    def __call__(self, module: Any, args: Any, output: Any) -> Any:
+        new = self.steer_fn(module_key=self.module_key, output=output)
+        if new is None:
+            return None
+        return fit_replacement(new, output, self.module_key, "The steered output")
+
+
+class SteeringVectors(HookingContextFactory):
+    """Replace the output of each module in ``modules_to_steer`` by ``steer_fn(module_key, output)``.
+
+    Hook-only: every model call inside the context is steered, and the caller's TensorDict is
+    returned. ``steer_fn`` receives the key of the module that fired; returning None keeps the
+    output. Instead of ``steer_fn``, ``vectors={module_key: v}`` adds ``scale * v`` to each
+    output (``v`` must broadcast to the output's shape, e.g. ``td["steer"][0]`` from
+    :class:`ActivationAddition`).
+
+    Args:
+        modules_to_steer: Module paths, relative to the model.
+        steer_fn: ``steer_fn(module_key, output)`` returning the new output (same type and shape),
+            or None to keep it.
+        vectors: Steering vectors by module key (a dict or a TensorDict), used when ``steer_fn``
+            is None.
+        scale: Multiplier of ``vectors``.
+
+    Raises:
+        ValueError: If neither or both of ``steer_fn`` and ``vectors`` are given, or a module has
+            no vector.
+        HookSignatureError: If ``steer_fn`` cannot receive ``module_key`` and ``output``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> steering = SteeringVectors(["0"], vectors={"0": torch.ones(4)}, scale=2.0)
+        >>> with steering.prepare(model) as hooked:
+        ...     td = hooked(TensorDict(input=torch.randn(5, 3), batch_size=[5]))
+        >>> td["output"].shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        modules_to_steer: str | Sequence[str],
+        steer_fn: Callable[..., Any] | None = None,
+        *,
+        vectors: Mapping[str, torch.Tensor] | TensorDictBase | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        self._modules = normalize_module_keys(modules_to_steer, "modules_to_steer")
+        if (steer_fn is None) == (vectors is None):
+            raise ValueError(
+                "SteeringVectors needs exactly one of steer_fn and vectors, got "
+                f"{'both' if steer_fn is not None else 'neither'}. Pass steer_fn=lambda module_key, output: "
+                "output + v, or vectors={module_key: v}."
+            )
+        if steer_fn is None:
+            steer_fn = AddVector(self._vector_table(vectors), float(scale))
+        check_keywords(steer_fn, ("module_key", "output"), "steer_fn")
+        self._steer_fn = steer_fn
+
+    @property
+    def modules_to_steer(self) -> list[str]:
+        return list(self._modules)
+
+    def _vector_table(self, vectors: Any) -> dict[str, torch.Tensor]:
+        available = [k for k in vectors.keys() if isinstance(k, str)]  # noqa: SIM118 - TensorDict too
+        missing = [m for m in self._modules if m not in available]
+        if missing:
+            raise ValueError(
+                f"No steering vector for module(s) {missing}; vectors has keys {available}. "
+                "Give one vector per module in modules_to_steer."
+            )
+        table = {m: vectors[m] for m in self._modules}
+        for key, value in table.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"The steering vector of {key!r} must be a tensor, got {type(value).__name__}."
+                )
+        return table
+
+    def _plan(self, hooked: HookedModule) -> list[HookSpec]:
+        return [
+            HookSpec(hooked.resolve(key), SteeringHook(key, self._steer_fn), HookDirection.FWD)
+            for key in self._modules
+        ]
+
+
+class ActivationAddition(HookingContextFactory):
+    """Compute steering vectors: the mean activation difference between positive and negative inputs.
+
+    One call runs the model on the inputs under ``positive_key`` (e.g. ``("positive", "input")``)
+    and under ``negative_key``, records the output of each module in ``modules_to_steer``, and
+    writes ``mean(positive - negative)`` over the TensorDict's batch dimensions to
+    ``(steer_key, module_key)`` of the caller's TensorDict, which is returned with its inputs and
+    no intermediate key.
+
+    A TensorDict entry has the TensorDict's batch dimensions, so the vector (shape: the
+    activation's shape without the batch dimensions, e.g. ``[T, D]`` for activations
+    ``[B, T, D]``) is stored broadcast over the batch: ``td["steer", m][0]`` is the vector, and
+    for a ``()`` batch ``td["steer", m]`` is the vector itself (the difference, unreduced).
+
+    Args:
+        modules_to_steer: Module paths, relative to the model.
+        positive_key: Branch holding the positive inputs.
+        negative_key: Branch holding the negative inputs.
+        steer_key: Where the vectors are written.
+        clean_intermediate_keys: When False, the positive and negative activations and outputs
+            are also written, under ``("_positive_cache", m)``, ``("_positive_out", out_key)``
+            and their negative counterparts.
+        cache_callback: ``cache_callback(module, args, output, key, direction)`` returning the
+            tensor to record (e.g. ``output[0]`` for tuple outputs).
+
+    Raises:
+        HookSignatureError: If ``cache_callback`` cannot receive its keywords.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> td = TensorDict({("positive", "input"): torch.randn(8, 3), ("negative", "input"): torch.randn(8, 3)},
+        ...                 batch_size=[8])
+        >>> with ActivationAddition(["0"]).prepare(model) as hooked:
+        ...     td = hooked(td)
+        >>> td["steer", "0"][0].shape
+        torch.Size([4])
+    """
+
+    _needs_tensordict = True
+
+    def __init__(
+        self,
+        modules_to_steer: str | Sequence[str],
+        positive_key: str = "positive",
+        negative_key: str = "negative",
+        steer_key: str = "steer",
+        clean_intermediate_keys: bool = True,
+        cache_callback: Callable[..., Any] | None = None,
+    ) -> None:
+        self._modules = normalize_module_keys(modules_to_steer, "modules_to_steer")
+        self._positive_key = positive_key
+        self._negative_key = negative_key
+        self._steer_key = steer_key
+        self._clean_intermediate_keys = clean_intermediate_keys
+        check_callback(cache_callback, HookDirection.FWD, ("key", "direction"))
+        self._cache_callback = cache_callback
+        self._state = RunState()
+
+    @property
+    def modules_to_steer(self) -> list[str]:
+        return list(self._modules)
+
+    def _plan(self, hooked: HookedModule) -> list[HookSpec]:
+        self._state = RunState()
+        return recording_plan(hooked, self._modules, self._state, self._cache_callback)
+
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        in_keys, out_keys = hooked.in_keys, hooked.out_keys
+        sources = (self._positive_key, self._negative_key)
+        check_keys(
+            td,
+            [join_key(s, k) for s in sources for k in in_keys],
+            what="steering source (ActivationAddition reads positive and negative inputs)",
+        )
+        drop = [*sources, self._steer_key, *hooked.td_module.out_keys]
+        state = self._state
+        recorded, outputs = [], []
+        try:
+            for source in sources:
+                state.phase = Phase.RECORD
+                outputs.append(call_next(branch(td, source, in_keys, drop), **kwargs))
+                state.phase = Phase.IDLE
+                recorded.append(state.take())
+        finally:
+            state.phase = Phase.IDLE
+            state.take()
+        positive, negative = recorded
+        for module_key in self._modules:
+            vector = self._vector(module_key, positive.get(module_key), negative.get(module_key), td)
+            td.set(join_key(self._steer_key, module_key), vector.expand(*td.batch_size, *vector.shape))
+        if not self._clean_intermediate_keys:
+            for cache_key, out_key, acts, out in (
+                (_POSITIVE_CACHE_KEY, _POSITIVE_OUT_KEY, positive, outputs[0]),
+                (_NEGATIVE_CACHE_KEY, _NEGATIVE_OUT_KEY, negative, outputs[1]),
+            ):
+                for module_key, value in acts.items():
+                    td.set((cache_key, module_key), value)
+                for key in out_keys:
+                    td.set(join_key(out_key, key), out.get(key))
+        return td
+
+    def _vector(self, module_key: str, positive: Any, negative: Any, td: TensorDictBase) -> torch.Tensor:
+        for name, value in (("positive", positive), ("negative", negative)):
+            if value is None:
+                raise InterventionError(
+                    f"Module {module_key!r} did not run on the {name} inputs, so it has no activation. "
+                    "Steer modules that run in the model's forward pass."
+                )
+            if not isinstance(value, torch.Tensor):
+                raise InterventionError(
+                    f"Module {module_key!r} returns a {type(value).__name__}, not a tensor. Pass a cache_callback "
+                    "returning a tensor, e.g. `cache_callback=lambda output, **_: output[0]`."
+                )
+        if positive.shape != negative.shape:
+            raise InterventionShapeError(
+                f"Module {module_key!r} has activations of shape {tuple(positive.shape)} on the positive inputs "
+                f"but {tuple(negative.shape)} on the negative inputs. Give inputs that produce the same "
+                "activation shapes (e.g. pad to the same sequence length)."
+            )
+        batch = tuple(td.batch_size)
+        if tuple(positive.shape[: len(batch)]) != batch:
+            raise InterventionShapeError(
+                f"Module {module_key!r} has activations of shape {tuple(positive.shape)}, which do not start with "
+                f"the TensorDict's batch shape {batch}. Give the TensorDict the model's batch dimensions."
+            )
+        diff = positive - negative
+        return diff.mean(dim=tuple(range(len(batch)))) if batch else diff

@@ -1,0 +1,281 @@
+"""Adapters: route a module's value through an extra module (SAE, transcoder, LoRA-like block).
+
+An adapter ``(adapter, in_module, out_module)`` replaces ``out_module``'s value (its output, for
+the default ``"fwd"`` direction) by ``adapter(value_of_in_module, **declared_keywords)``. The
+adapters live in ``hooked.adapters`` (an ``nn.ModuleDict`` on the hooked module, not on the
+user's model), so their parameters appear in ``hooked.parameters()`` and can be trained.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tensordict import TensorDictBase
+from torch import nn
+
+from .._core.context import ROOT_NAME, HookedModule, HookingContextFactory, HookingContextWithCache
+from .._core.hooks import (
+    CacheProxy,
+    CachingHook,
+    HookDirection,
+    HookSpec,
+    SettingHook,
+    TensorDictRef,
+    check_callback,
+)
+from .._core.paths import resolve_path
+from ..errors import ContextStateError, InvalidInputError, MissingKeyError, TdhookError, nearest
+
+__all__ = ["AdapterError", "Adapters", "HookedModuleWithAdapters"]
+
+#: Hook parameter holding the value a hook of each direction reads and replaces.
+_VALUE_PARAM = {
+    HookDirection.FWD: "output",
+    HookDirection.FWD_KWARGS: "output",
+    HookDirection.FWD_PRE: "args",
+    HookDirection.FWD_PRE_KWARGS: "args",
+    HookDirection.BWD: "grad_input",
+    HookDirection.BWD_PRE: "grad_output",
+}
+
+
+class AdapterError(TdhookError, RuntimeError):
+    """An adapter could not run (its input module did not run first...)."""
+
+
+def _module_dict_key(name: str) -> str:
+    """An ``nn.ModuleDict`` key for an adapter name: ``%`` and ``.`` are percent-encoded.
+
+    A name that clashes with a ``ModuleDict`` attribute (``"keys"``, ``"forward"``...) or is
+    empty gets a trailing ``%``, which no encoded name ends with.
+    """
+    key = name.replace("%", "%25").replace(".", "%2E")
+    if not key or hasattr(nn.ModuleDict, key):
+        key += "%"
+    return key
+
+
+class HookedModuleWithAdapters(HookedModule):
+    """A hooked module holding adapters in ``self.adapters`` (an ``nn.ModuleDict``).
+
+    Adapter names may contain dots; ``adapters`` uses escaped keys, and :meth:`adapter`,
+    :meth:`named_adapters` and :attr:`adapter_names` use the names you gave.
+    """
+
+    def __init__(
+        self,
+        td_module: Any,
+        hooking_context: Any = None,
+        relative_path: str = ROOT_NAME,
+        in_keys: Sequence[Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
+        self.adapters = nn.ModuleDict()
+        self.__dict__["_adapter_keys"] = {}
+
+    def add_adapter(self, name: str, adapter: nn.Module) -> None:
+        """Register ``adapter`` under ``name`` (any string, dots included)."""
+        key = _module_dict_key(name)
+        self.adapters[key] = adapter
+        self.__dict__["_adapter_keys"][name] = key
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.__dict__["_adapter_keys"])
+
+    def adapter(self, name: str) -> nn.Module:
+        """The adapter registered under ``name``.
+
+        Raises:
+            MissingKeyError: For an unknown name; the message lists the nearest names.
+        """
+        keys = self.__dict__["_adapter_keys"]
+        if name not in keys:
+            raise MissingKeyError(
+                f"No adapter named {name!r}; adapters: {nearest(name, list(keys))}. Use a name given to Adapters."
+            )
+        return self.adapters[keys[name]]
+
+    def named_adapters(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, adapter)`` pairs, with the names you gave."""
+        for name, key in self.__dict__["_adapter_keys"].items():
+            yield name, self.adapters[key]
+
+
+def _keywords(adapter: Callable[..., Any], direction: HookDirection) -> tuple[str, ...]:
+    """The hook parameters ``adapter`` declares (besides its first, positional, value parameter)."""
+    target = adapter.forward if isinstance(adapter, nn.Module) else adapter
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    first = next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    available = [p for p in (*direction.params, "direction") if p != first]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return tuple(available)
+    declared = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return tuple(p for p in available if p in declared)
+
+
+def _unwrap(value: Any) -> Any:
+    return value[0] if isinstance(value, tuple) and len(value) == 1 else value
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """The callback of an adapter's setting hook: ``adapter(value, **declared_keywords)``.
+
+    ``value`` is the hooked value itself (same in/out module) or, for a cross-layer adapter,
+    the in-module's cached value (``SettingHook`` resolves the cache proxy).
+    """
+
+    name: str
+    adapter: Callable[..., Any]
+    value_param: str
+    keywords: tuple[str, ...]
+    in_module: str | None = None
+
+    def __call__(self, *, value: Any, direction: str, **hook: Any) -> Any:
+        if self.in_module is None:
+            value = _unwrap(hook[self.value_param])
+        elif value is None:
+            raise AdapterError(
+                f"Adapter {self.name!r} reads the value of {self.in_module!r}, which has not run yet in this call. "
+                "The in-module must run before the out-module in the forward pass."
+            )
+        hook["direction"] = direction
+        return self.adapter(value, **{k: hook[k] for k in self.keywords})
+
+
+class Adapters(HookingContextFactory):
+    """Replace module values by adapter outputs (same-layer or cross-layer).
+
+    For every direction and every ``name: (adapter, in_module_key, out_module_key)``:
+
+    * ``in == out``: ``out``'s value becomes ``adapter(value, ...)``;
+    * otherwise ``in``'s value is cached in the context cache under ``f"{in}_{type}"``
+      (e.g. ``"linear1_output"``, through ``cache_callback`` if given) and ``out``'s value
+      becomes ``adapter(cached, ...)``; ``in`` must run before ``out``.
+
+    The adapter's ``forward`` (or the callable itself) receives, by keyword, only the hook
+    parameters it declares (``module``, ``args``, ``output``, ``direction``...), or all of
+    them if it takes ``**kwargs``. It must return the same kind of value it replaces.
+
+    Args:
+        adapters: ``{name: (adapter, in_module_key, out_module_key)}``; names may contain dots.
+            ``nn.Module`` adapters are registered in ``hooked.adapters``.
+        cache_callback: ``callback(module, args, output, key, direction)`` returning the value
+            of a cross-layer in-module to cache.
+        relative: Module keys relative to the model (True) or absolute (``td_module.…``).
+        directions: Hook points, default ``["fwd"]``.
+        cache: TensorDict for cross-layer values (default: the context's cache).
+        clear_cache: Clear the cache at every enter.
+
+    Raises:
+        InvalidInputError: If an entry is not an ``(adapter, in_key, out_key)`` tuple.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> sae = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> with Adapters({"sae.layer0": (sae, "0", "0")}).prepare(model) as hooked:
+        ...     td = hooked(TensorDict(input=torch.randn(5, 3), batch_size=[5]))
+        ...     n_trainable = sum(p.numel() for p in hooked.adapter("sae.layer0").parameters())
+        >>> n_trainable
+        148
+    """
+
+    _hooking_context_class = HookingContextWithCache
+    _hooked_module_class = HookedModuleWithAdapters
+
+    def __init__(
+        self,
+        adapters: Mapping[str, tuple[Callable[..., Any], str, str]],
+        cache_callback: Callable[..., Any] | None = None,
+        relative: bool = True,
+        directions: Sequence[str] | None = None,
+        cache: TensorDictBase | None = None,
+        clear_cache: bool = True,
+    ) -> None:
+        if not isinstance(adapters, Mapping) or not adapters:
+            raise InvalidInputError(
+                f"adapters must be a non-empty dict {{name: (adapter, in_module_key, out_module_key)}}, got {adapters!r}."
+            )
+        self._adapters: dict[str, tuple[Callable[..., Any], str, str]] = {}
+        for name, spec in adapters.items():
+            if not (
+                isinstance(name, str)
+                and isinstance(spec, tuple)
+                and len(spec) == 3
+                and callable(spec[0])
+                and isinstance(spec[1], str)
+                and isinstance(spec[2], str)
+            ):
+                raise InvalidInputError(
+                    f"adapters[{name!r}] must be an (adapter, in_module_key, out_module_key) tuple with a callable "
+                    f"adapter and string keys, got {spec!r}."
+                )
+            self._adapters[name] = spec
+        self._directions = [HookDirection.parse(d) for d in (directions or ["fwd"])]
+        for d in self._directions:
+            check_callback(cache_callback, d, ("key", "direction"))
+        self._cache_callback = cache_callback
+        self._relative = relative
+        self._cache = cache
+        self._clear_cache = clear_cache
+        self._cross_keys: list[str] = []
+        self._cross_cache: TensorDictBase | None = None
+
+    @property
+    def adapters(self) -> dict[str, tuple[Callable[..., Any], str, str]]:
+        return dict(self._adapters)
+
+    def _plan(self, hooked: HookedModule) -> list[HookSpec]:
+        if not isinstance(hooked, HookedModuleWithAdapters):
+            raise ContextStateError(
+                f"Adapters needs a HookedModuleWithAdapters, got {type(hooked).__name__}. Prepare it with "
+                "Adapters(...).prepare(model) or a CompositeHookingContextFactory."
+            )
+        context = hooked.hooking_context
+        cache = self._cache
+        if cache is None:
+            if not isinstance(context, HookingContextWithCache):
+                raise ContextStateError("Adapters needs a context with a cache: use it through prepare().")
+            cache = context.cache
+        root = hooked.root if self._relative else hooked
+        specs: list[HookSpec] = []
+        cross: list[str] = []
+        for name, (adapter, in_key, out_key) in self._adapters.items():
+            if isinstance(adapter, nn.Module):
+                hooked.add_adapter(name, adapter)
+            in_module, out_module = resolve_path(root, in_key), resolve_path(root, out_key)
+            for d in self._directions:
+                value_param = _VALUE_PARAM[d]
+                if in_key == out_key:
+                    call = AdapterCall(name, adapter, value_param, _keywords(adapter, d))
+                    specs.append(HookSpec(out_module, SettingHook(None, d, call), d))
+                    continue
+                cache_key = f"{in_key}_{d.value_type}"
+                cross.append(cache_key)
+                specs.append(HookSpec(in_module, CachingHook(cache_key, cache, d, self._cache_callback), d))
+                proxy = CacheProxy(cache_key, TensorDictRef(cache))
+                call = AdapterCall(name, adapter, value_param, _keywords(adapter, d), in_key)
+                specs.append(HookSpec(out_module, SettingHook(proxy, d, call), d))
+        self._cross_keys = cross
+        self._cross_cache = cache
+        return specs
+
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        # A cross-layer value from a previous call must not feed this one.
+        cache = self._cross_cache
+        if cache is not None:
+            for key in self._cross_keys:
+                cache.pop(key, None)
+        return call_next(td, **kwargs)

@@ -1,0 +1,266 @@
+"""Task arithmetic: task vectors, forget vectors and the control-adequacy search of their scale.
+
+A task vector is ``finetuned_weights - weights``; adding ``alpha`` times a sum of task vectors to
+the weights adds the tasks, subtracting it (a *forget* vector) removes them. The scale ``alpha``
+is chosen among candidates: the best test accuracy among the scales whose edited model still
+passes a control-adequacy check (e.g. accuracy on a control task above a threshold).
+
+Weights are TensorDicts keyed like the model (``("0", "weight")``): every parameter and every
+floating-point buffer. Edits are swapped in and out (see :mod:`tdhook.weights._edits`), never
+written into the user's tensors, and every tensor is restored on exit, even after an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from .._core.context import ROOT_NAME, HookedModule, HookingContext, HookingContextFactory
+from .._core.hooks import Installable
+from ..errors import ContextStateError, TdhookError
+from ._edits import ParameterSnapshot, WeightSwap, named_tensors
+
+__all__ = ["NoAdequateAlphaError", "TaskVectors", "TaskVectorsContext", "TaskVectorsModule"]
+
+
+class NoAdequateAlphaError(TdhookError, RuntimeError):
+    """No candidate scale satisfies the control-adequacy criterion."""
+
+
+def _key(name: str) -> tuple[str, ...]:
+    return tuple(name.split("."))
+
+
+def _weights_of(tensors: dict[str, torch.Tensor]) -> TensorDict:
+    return TensorDict({_key(n): t.detach() for n, t in tensors.items()}, batch_size=[])
+
+
+def _find_factory(hooked: HookedModule) -> TaskVectors:
+    context = hooked.hooking_context
+    if context is not None:
+        factories = getattr(context.factory, "factories", (context.factory,))
+        for factory in factories:
+            if isinstance(factory, TaskVectors):
+                return factory
+    raise ContextStateError(
+        "Module was not prepared with TaskVectors, so alpha cannot be searched. Pass alpha=..., or use "
+        "`with TaskVectors(alphas, get_test_accuracy, get_control_adequacy).prepare(model) as hooked:`."
+    )
+
+
+class TaskVectorsModule(HookedModule):
+    """A hooked module that builds and applies task vectors.
+
+    ``weights`` is the model's state when the context was entered (detached, sharing memory
+    with the model: nothing is copied).
+    """
+
+    def __init__(
+        self,
+        td_module: Any,
+        hooking_context: Any = None,
+        relative_path: str = ROOT_NAME,
+        in_keys: Sequence[Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
+        tensors = named_tensors(self.root)
+        self.__dict__["_names"] = list(tensors)
+        self.__dict__["_weights"] = _weights_of(tensors)
+
+    @property
+    def weights(self) -> TensorDict:
+        """The weights at enter, keyed like the model (``("0", "weight")``)."""
+        return self.__dict__["_weights"]
+
+    def _as_weights(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
+        if isinstance(finetuned, nn.Module):
+            other: TensorDictBase = _weights_of(named_tensors(finetuned))
+        elif isinstance(finetuned, TensorDictBase):
+            other = finetuned
+        else:
+            raise TypeError(
+                f"Expected a fine-tuned nn.Module (same architecture) or a TensorDict of weights, got "
+                f"{type(finetuned).__name__}."
+            )
+        mine = set(self.weights.keys(include_nested=True, leaves_only=True))
+        theirs = set(other.keys(include_nested=True, leaves_only=True))
+        if mine != theirs:
+            raise ValueError(
+                f"The fine-tuned weights do not match the model: missing {sorted(mine - theirs)[:5]}, unexpected "
+                f"{sorted(theirs - mine)[:5]}. Fine-tune a copy of the same architecture (copy.deepcopy(model))."
+            )
+        return other
+
+    def get_task_vector(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
+        """``weights(finetuned) - weights``.
+
+        Raises:
+            ValueError: If ``finetuned`` does not have the model's tensors.
+        """
+        other = self._as_weights(finetuned)
+        return other.detach() - self.weights
+
+    def get_forget_vector(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
+        """``weights - weights(finetuned)``: the negated task vector."""
+        return -self.get_task_vector(finetuned)
+
+    def get_weights(self, *vectors: TensorDictBase, alpha: float | None = None) -> TensorDictBase:
+        """``weights + alpha * sum(vectors)``; ``alpha=None`` searches it (see :meth:`TaskVectors.compute_alpha`).
+
+        Raises:
+            ContextStateError: If ``alpha`` is None and the module was not prepared with TaskVectors.
+            NoAdequateAlphaError: If no candidate alpha is adequate.
+        """
+        if not vectors:
+            raise ValueError(
+                "get_weights needs at least one task vector, e.g. hooked.get_task_vector(finetuned)."
+            )
+        total = vectors[0]
+        for vector in vectors[1:]:
+            total = total + vector
+        if alpha is None:
+            alpha = _find_factory(self).compute_alpha(self, total)
+        return self.weights + alpha * total
+
+    @contextlib.contextmanager
+    def with_applied_vectors(
+        self, *vectors: TensorDictBase, alpha: float | None = None
+    ) -> Iterator[TaskVectorsModule]:
+        """Load ``weights + alpha * sum(vectors)`` into the model for the ``with`` body, then restore."""
+        weights = self.get_weights(*vectors, alpha=alpha)
+        handle = WeightSwap(self.root, {n: weights.get(_key(n)) for n in self.__dict__["_names"]}).install()
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+class TaskVectorsContext(HookingContext):
+    """The context of :class:`TaskVectors`, with :meth:`compute_alpha`."""
+
+    def compute_alpha(self, vector: TensorDictBase) -> float:
+        """The best adequate scale of ``vector`` (see :meth:`TaskVectors.compute_alpha`).
+
+        Raises:
+            ContextStateError: Outside the context.
+        """
+        hooked = self.hooked_module
+        if hooked is None:
+            raise ContextStateError(
+                "Cannot compute alpha outside of context: call it inside the `with` block."
+            )
+        return _find_factory(hooked).compute_alpha(hooked, vector)
+
+
+class TaskVectors(HookingContextFactory):
+    """Task arithmetic with a control-adequacy search of the scale.
+
+    Inside the context, ``hooked`` (a :class:`TaskVectorsModule`) builds task vectors from
+    fine-tuned copies of the model and applies them temporarily. ``alpha=None`` searches the
+    scale: for each candidate in ``alphas`` (in order) the vector is applied, the candidate is
+    kept if ``get_control_adequacy(hooked)`` is true, and the kept candidate with the highest
+    ``get_test_accuracy(hooked)`` wins (the first one on ties). The search is recorded in
+    :attr:`search_results`.
+
+    Args:
+        alphas: Candidate scales.
+        get_test_accuracy: ``(hooked) -> float``, higher is better.
+        get_control_adequacy: ``(hooked) -> bool``.
+
+    Raises:
+        ValueError: If ``alphas`` is empty or not numbers.
+        TypeError: If a callback is not callable.
+
+    Examples:
+        >>> import copy, torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> finetuned = copy.deepcopy(model)
+        >>> with torch.no_grad():
+        ...     _ = finetuned.weight.add_(1.0)
+        >>> method = TaskVectors([0.5, 1.0], lambda h: -float(h.module.weight.detach().abs().sum()), lambda h: True)
+        >>> with method.prepare(model) as hooked:
+        ...     vector = hooked.get_task_vector(finetuned)
+        ...     alpha = hooked.hooking_context.compute_alpha(vector)
+        >>> alpha in (0.5, 1.0)
+        True
+    """
+
+    _hooking_context_class = TaskVectorsContext
+    _hooked_module_class = TaskVectorsModule
+
+    def __init__(
+        self,
+        alphas: Sequence[float],
+        get_test_accuracy: Callable[[TaskVectorsModule], float],
+        get_control_adequacy: Callable[[TaskVectorsModule], bool],
+    ) -> None:
+        alphas = list(alphas)
+        if not alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
+            raise ValueError(
+                f"alphas must be a non-empty list of numbers, got {alphas!r}. Example: [0.1, 0.2, 0.5, 1.0]."
+            )
+        for name, fn in (
+            ("get_test_accuracy", get_test_accuracy),
+            ("get_control_adequacy", get_control_adequacy),
+        ):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable as {name}(hooked), got {type(fn).__name__}.")
+        self._alphas = [float(a) for a in alphas]
+        self._accuracy = get_test_accuracy
+        self._adequacy = get_control_adequacy
+        self._results: list[tuple[float, bool, float | None]] = []
+
+    @property
+    def alphas(self) -> list[float]:
+        return list(self._alphas)
+
+    @property
+    def search_results(self) -> list[tuple[float, bool, float | None]]:
+        """``(alpha, adequate, accuracy or None)`` for each candidate of the last search."""
+        return list(self._results)
+
+    def _plan(self, hooked: HookedModule) -> list[Installable]:
+        if not isinstance(hooked, TaskVectorsModule):
+            raise ContextStateError(
+                f"TaskVectors needs a TaskVectorsModule, got {type(hooked).__name__}. Prepare it with "
+                "TaskVectors(...).prepare(model) or a CompositeHookingContextFactory."
+            )
+        # Vectors are applied during the context; the snapshot restores every tensor at exit
+        # even if an application was interrupted.
+        return [ParameterSnapshot(hooked.root)]
+
+    def compute_alpha(self, hooked: TaskVectorsModule, vector: TensorDictBase) -> float:
+        """Search the scale of ``vector`` on ``hooked`` (see the class docstring).
+
+        Raises:
+            ContextStateError: If ``hooked``'s context is not active.
+            NoAdequateAlphaError: If no candidate is adequate; the message lists the candidates.
+        """
+        context = hooked.hooking_context
+        if context is None or not context.is_active:
+            raise ContextStateError(
+                "Cannot compute alpha outside of context: call it inside the `with` block."
+            )
+        results: list[tuple[float, bool, float | None]] = []
+        best: float | None = None
+        best_accuracy = -float("inf")
+        for alpha in self._alphas:
+            with hooked.with_applied_vectors(vector, alpha=alpha):
+                adequate = bool(self._adequacy(hooked))
+                accuracy = float(self._accuracy(hooked)) if adequate else None
+            results.append((alpha, adequate, accuracy))
+            if accuracy is not None and (best is None or accuracy > best_accuracy):
+                best, best_accuracy = alpha, accuracy
+        self._results = results
+        if best is None:
+            raise NoAdequateAlphaError(
+                f"No value satisfies the control adequacy criterion: none of alphas={self._alphas} passed "
+                "get_control_adequacy. Try smaller alphas or a looser criterion."
+            )
+        return best

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from tdhook.attribution import GradientAttribution, InputXGradient, Saliency
+import torch
+
+from tdhook.attribution import GradientAttribution, InputXGradient, IntegratedGradients, Saliency
 
 from ._case import ContractCase, mlp_data, small_mlp
+
+
+def _with_baseline(model):
+    td = mlp_data(model)
+    td["baseline", "input"] = torch.zeros(5, 4)
+    return td
+
 
 CASES = [
     ContractCase("gradient-attribution", GradientAttribution, small_mlp, mlp_data),
@@ -22,5 +31,13 @@ CASES = [
         lambda: InputXGradient(targets=[0, 2], separate_targets=True),
         small_mlp,
         mlp_data,
+    ),
+    ContractCase(
+        "integrated-gradients",
+        lambda: IntegratedGradients(
+            n_steps=5, chunk_size=2, compute_convergence_delta=True, input_modules=["0"]
+        ),
+        small_mlp,
+        _with_baseline,
     ),
 ]

@@ -10,6 +10,7 @@ Every method reads the model inputs (and ``("baseline", k)`` where relevant) and
 
 from ._errors import AttributionError, AttributionKeys, BaselineError, IntegerInputError, TargetError
 from ._gradient import GradientAttribution, InputXGradient, Saliency
+from ._integrated import IntegratedGradients, IntegrationMethod
 
 __all__ = [
     "AttributionError",
@@ -18,6 +19,8 @@ __all__ = [
     "GradientAttribution",
     "InputXGradient",
     "IntegerInputError",
+    "IntegratedGradients",
+    "IntegrationMethod",
     "Saliency",
     "TargetError",
 ]

@@ -150,7 +150,7 @@ class _TargetModuleHook:
     state: _CallState
 
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self.state.active:
+        if self.state.active or self.state.record is not None:
             if not isinstance(output, torch.Tensor):
                 raise AttributionError(
                     f"target module {self.key!r} returned a {type(output).__name__}, expected a tensor. "
@@ -169,6 +169,10 @@ class _Job:
     model_inputs: dict[NestedKey, torch.Tensor]
     attributed: list[NestedKey]
     additional: TensorDictBase | None
+    #: Model outputs at the real inputs, batch ``B`` (set by a method's extra pass, if any).
+    outputs: dict[NestedKey, Any] | None = None
+    #: The ``inputs`` given to ``_grad_attr`` (flat), when not the values differentiated.
+    attr_inputs: dict[str, torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -379,6 +383,12 @@ class GradientAttribution(HookingContextFactory):
         job = self._make_job(hooked, td)
         self._prepare_job(hooked, job, call_next)
         grads, inputs, outputs = self._gradients(hooked, job, call_next, **kwargs)
+        if job.attr_inputs is not None:
+            inputs = job.attr_inputs
+        elif not inputs:
+            inputs = {_key_str(k): job.model_inputs[k] for k in job.attributed}
+        if outputs is None:
+            outputs = job.outputs
         if outputs is None:
             outputs = self._plain_outputs(hooked, job, call_next, **kwargs)
         batch = job.batch
@@ -496,7 +506,10 @@ class GradientAttribution(HookingContextFactory):
                 diff_names.append(key)
                 diff.append(value)
                 values[key] = value.detach()
-            t_list, s_list = self._targets_and_seeds(hooked, job, out, module_targets, c)
+            shape = torch.Size((*job.batch, c) if c > 1 else job.batch)
+            t_list, s_list = self._targets_and_seeds(
+                hooked, out, module_targets, shape, _expand_additional(job.additional, job.batch, c)
+            )
             grads = torch.autograd.grad(
                 t_list, diff, s_list, allow_unused=True, is_grads_batched=separate, materialize_grads=False
             )
@@ -510,20 +523,24 @@ class GradientAttribution(HookingContextFactory):
                     )
                 reduced = _reduce_points(grad, n, c, weights, separate)
                 acc[name] = reduced if name not in acc else acc[name] + reduced
-                if name not in inputs_at:
-                    v = values[name]
-                    inputs_at[name] = v if n_points == 1 else v.reshape(n, c, *v.shape[1:])[:, -1]
+                if n_points == 1:
+                    inputs_at[name] = values[name]
         return acc, inputs_at, outputs
 
     def _targets_and_seeds(
         self,
         hooked: HookedModule,
-        job: _Job,
         out: TensorDictBase,
         module_targets: dict[str, torch.Tensor],
-        c: int,
+        shape: torch.Size,
+        additional: TensorDictBase | None,
+        *,
+        check_grad: bool = True,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        shape = (*job.batch, c) if c > 1 else tuple(job.batch)
+        """The targets (flat rows ``prod(shape)`` first) and their backward seeds.
+
+        ``shape`` is the batch the callbacks see (``B``, or ``(*B, c)`` for ``c`` points).
+        """
         entries: list[tuple[Any, torch.Tensor]] = []
         if self.use_outputs:
             for key in hooked.out_keys:
@@ -535,12 +552,9 @@ class GradientAttribution(HookingContextFactory):
                     "path from the inputs to the outputs."
                 )
             entries.append((key, module_targets[key]))
-        callback_batch = torch.Size(shape)
-        additional = None
-        if self.init_attr_targets is not None or self.init_attr_grads is not None:
-            additional = _expand_additional(job.additional, job.batch, c)
+        callback_batch = shape
         if self.init_attr_targets is not None:
-            targets_td = TensorDict(batch_size=callback_batch, device=job.td.device)
+            targets_td = TensorDict(batch_size=callback_batch)
             for key, value in entries:
                 targets_td.set(key, value.reshape(*shape, *value.shape[1:]))
             targets_td = _check_callback_result(
@@ -548,7 +562,7 @@ class GradientAttribution(HookingContextFactory):
             )
             entries = list(targets_td.items(include_nested=True, leaves_only=True))
         for key, value in entries:
-            if value.grad_fn is None:
+            if check_grad and value.grad_fn is None:
                 raise TargetError(
                     f"Target {key!r} has no grad_fn: it does not depend on the attributed inputs. Attribute "
                     "to inputs the target is computed from, and do not detach or compute it under no_grad."

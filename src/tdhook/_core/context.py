@@ -172,7 +172,11 @@ class HookedModule(TensorDictModuleWrapper):
     @property
     def root(self) -> nn.Module:
         """The user's model (the module relative names start from)."""
-        return resolve_path(self, self.relative_path)
+        root = self.__dict__.get("_root")
+        if root is None:
+            root = resolve_path(self, self.relative_path)
+            self.__dict__["_root"] = root
+        return root
 
     def resolve(self, key: str, *, relative: bool = True) -> nn.Module:
         """Return the submodule at ``key`` (relative to the user model, or absolute from here)."""
@@ -248,7 +252,7 @@ class HookedModule(TensorDictModuleWrapper):
         relative: bool = True,
     ):
         """Register ``hook`` on the submodule at ``key`` and return torch's handle."""
-        direction = HookDirection.parse(direction)
+        direction = direction if isinstance(direction, HookDirection) else HookDirection.parse(direction)
         module = self.resolve(key, relative=relative)
         if isinstance(module, nn.ModuleList):
             warnings.warn(

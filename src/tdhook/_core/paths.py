@@ -120,6 +120,9 @@ def _step(obj: nn.Module, step: PathStep) -> object:
         return children[step]
     if isinstance(obj, nn.ModuleDict) and step in obj:
         return obj[step]
+    children = obj._modules  # nn.Module's child registry (read-only), skips the slow __getattr__ chain
+    if step in children:
+        return children[step]
     return getattr(obj, step)
 
 

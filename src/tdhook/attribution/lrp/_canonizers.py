@@ -1,0 +1,267 @@
+"""Reversible model edits for LRP: parameter swaps and canonizers (part of :mod:`tdhook.attribution.lrp`).
+
+Every edit is an :class:`~tdhook._core.hooks.Installable`: ``install()`` changes the model and
+returns a handle whose ``remove()`` restores it bit for bit. Parameters are edited in place (the
+same ``nn.Parameter`` objects, so optimisers and tied weights keep working) from saved copies;
+a missing bias is added as a new parameter and removed again.
+
+:class:`MergeBatchNorm` folds every BatchNorm into the linear layer or convolution before it and
+turns the BatchNorm into an exact identity, so that LRP rules see one affine layer (the
+canonical form the rules are defined for).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..._core.hooks import HandleGroup, Installable, install
+from ..._core.paths import resolve_path
+from ._errors import CanonizerError
+from ._types import BatchNorm, ConvolutionStandard, Dense
+
+__all__ = ["Canonizer", "MergeBatchNorm", "ParamModifier"]
+
+
+# ------------------------------------------------------------------------------------------
+# One reversible assignment
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Assign:
+    """Set ``module.<name>`` (a parameter, buffer or plain attribute) to ``value`` reversibly."""
+
+    module: nn.Module
+    name: str
+    value: Any
+
+    def install(self) -> _Restore:
+        module, name = self.module, self.name
+        current = getattr(module, name)
+        if isinstance(current, torch.Tensor) and isinstance(self.value, torch.Tensor):
+            saved = current.detach().clone()
+            with torch.no_grad():
+                current.copy_(self.value)
+            return _Restore(module, name, saved, _How.COPY_BACK)
+        if current is None and isinstance(self.value, torch.Tensor):  # e.g. a layer without bias
+            module.register_parameter(name, nn.Parameter(self.value.detach().clone(), requires_grad=False))
+            return _Restore(module, name, None, _How.UNREGISTER)
+        setattr(module, name, self.value)
+        return _Restore(module, name, current, _How.SETATTR)
+
+
+class _How(Enum):
+    COPY_BACK = "copy_back"
+    UNREGISTER = "unregister"
+    SETATTR = "setattr"
+
+
+class _Restore:
+    __slots__ = ("how", "module", "name", "saved")
+
+    def __init__(self, module: nn.Module, name: str, saved: Any, how: _How | None) -> None:
+        self.module, self.name, self.saved, self.how = module, name, saved, how
+
+    def remove(self) -> None:
+        how, self.how = self.how, None  # idempotent
+        if how is _How.COPY_BACK:
+            with torch.no_grad():
+                getattr(self.module, self.name).copy_(self.saved)
+        elif how is _How.UNREGISTER:
+            self.module.register_parameter(self.name, None)
+        elif how is _How.SETATTR:
+            setattr(self.module, self.name, self.saved)
+
+
+# ------------------------------------------------------------------------------------------
+# ParamModifier (tdhook 0.1 compatibility)
+# ------------------------------------------------------------------------------------------
+
+
+def _select_all(param: torch.Tensor, name: str) -> bool:
+    return True
+
+
+class ParamModifier:
+    """Temporarily replace selected parameters of a module by modified values.
+
+    Args:
+        modify_fn: ``f(param, name) -> tensor`` giving the new value (default: unchanged).
+        select_fn: ``f(param, name) -> bool`` choosing the parameters to modify (default: all).
+
+    Examples:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> before = lin.weight.detach().clone()
+        >>> with ParamModifier(lambda p, name: p.clamp(min=0))(lin):
+        ...     bool((lin.weight >= 0).all())
+        True
+        >>> torch.equal(lin.weight, before)
+        True
+    """
+
+    select_all = staticmethod(_select_all)
+
+    def __init__(
+        self,
+        modify_fn: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+        select_fn: Callable[[torch.Tensor, str], bool] | None = None,
+    ) -> None:
+        self.modify_fn = modify_fn
+        self.select_fn = select_fn or _select_all
+
+    @classmethod
+    def from_modifiers(cls, modifiers: Sequence[ParamModifier]) -> ParamModifier:
+        """One modifier applying ``modifiers`` in order (each on its own selection)."""
+        return cls(_Chain(tuple(modifiers)))
+
+    def modify(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        """The new value of ``param`` (itself when not selected)."""
+        if self.modify_fn is None or not self.select_fn(param, name):
+            return param
+        return self.modify_fn(param, name)
+
+    def bind(self, module: nn.Module) -> list[Installable]:
+        """Installables applying the modification to ``module``'s own parameters."""
+        edits: list[Installable] = []
+        for name, param in module.named_parameters(recurse=False):
+            new = self.modify(param.detach(), name)
+            if new is not param:
+                edits.append(_Assign(module, name, new))
+        return edits
+
+    def __call__(self, module: nn.Module) -> HandleGroup:
+        """Apply to ``module`` now; the returned group (a context manager) restores it."""
+        return install(self.bind(module))
+
+
+@dataclass(frozen=True)
+class _Chain:
+    modifiers: tuple[ParamModifier, ...]
+
+    def __call__(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        for modifier in self.modifiers:
+            param = modifier.modify(param, name)
+        return param
+
+
+# ------------------------------------------------------------------------------------------
+# Canonizers
+# ------------------------------------------------------------------------------------------
+
+
+class Canonizer:
+    """Base of canonizers: :meth:`plan` lists the reversible edits for a model."""
+
+    def plan(self, root: nn.Module) -> list[Installable]:
+        """The edits to install on ``root`` (the user's model)."""
+        raise NotImplementedError
+
+    def apply(self, root: nn.Module) -> HandleGroup:
+        """Apply to ``root`` now; the returned group (a context manager) undoes it."""
+        return install(self.plan(root))
+
+
+class MergeBatchNorm(Canonizer):
+    """Fold each BatchNorm into the preceding linear layer or convolution.
+
+    For ``y = γ (W x + b − μ) / √(σ² + ε) + β`` the layer gets ``W' = s W`` and
+    ``b' = s (b − μ) + β`` with ``s = γ / √(σ² + ε)``, and the BatchNorm is set to an exact
+    identity (``γ = 1, β = 0, μ = 0, σ² = 1, ε = 0``). Everything is restored bit for bit at exit.
+
+    Args:
+        pairs: ``[(layer_path, batchnorm_path), ...]`` relative to the model. ``None``: every
+            ``nn.Linear``/``ConvNd`` immediately followed by a BatchNorm inside an
+            ``nn.Sequential``.
+
+    Raises:
+        CanonizerError: (a ``ValueError``) when a BatchNorm is in training mode or has no running
+            statistics, or does not match its layer's number of features.
+
+    Examples:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+        >>> x = torch.randn(5, 3)
+        >>> with MergeBatchNorm().apply(model):
+        ...     merged = model(x)
+        >>> torch.allclose(merged, model(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str]] | None = None) -> None:
+        self.pairs = None if pairs is None else [(str(a), str(b)) for a, b in pairs]
+
+    def _find(self, root: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+        if self.pairs is not None:
+            return [(a, resolve_path(root, a), b, resolve_path(root, b)) for a, b in self.pairs]
+        found = []
+        for prefix, module in root.named_modules():
+            if not isinstance(module, nn.Sequential):
+                continue
+            children = list(module.named_children())
+            for (na, a), (nb, b) in itertools.pairwise(children):
+                if _mergeable(a) and isinstance(b, BatchNorm):
+                    join = f"{prefix}." if prefix else ""
+                    found.append((join + na, a, join + nb, b))
+        return found
+
+    def plan(self, root: nn.Module) -> list[Installable]:
+        edits: list[Installable] = []
+        for layer_name, layer, bn_name, bn in self._find(root):
+            edits.extend(_merge(layer_name, layer, bn_name, bn))
+        return edits
+
+    def __repr__(self) -> str:
+        return f"MergeBatchNorm(pairs={self.pairs!r})"
+
+
+def _mergeable(layer: nn.Module) -> bool:
+    return isinstance(layer, (*Dense, *ConvolutionStandard))
+
+
+def _merge(layer_name: str, layer: Any, bn_name: str, bn: Any) -> list[Installable]:
+    if not _mergeable(layer):
+        raise CanonizerError(
+            f"MergeBatchNorm: {layer_name!r} is a {type(layer).__name__}, expected nn.Linear or a ConvNd."
+        )
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if mean is None or var is None:
+        raise CanonizerError(
+            f"MergeBatchNorm: {bn_name!r} ({type(bn).__name__}) has no running statistics "
+            "(track_running_stats=False), so it cannot be folded. Leave it out of `pairs`."
+        )
+    if getattr(bn, "training", False):
+        raise CanonizerError(
+            f"MergeBatchNorm: {bn_name!r} is in training mode, where it normalises with batch statistics "
+            "and cannot be folded. Call model.eval() before prepare()."
+        )
+    weight: torch.Tensor = layer.weight
+    if weight.shape[0] != mean.shape[0]:
+        raise CanonizerError(
+            f"MergeBatchNorm: {layer_name!r} has {weight.shape[0]} output features but {bn_name!r} normalises "
+            f"{mean.shape[0]}. Pass the right `pairs`."
+        )
+    with torch.no_grad():
+        dtype = torch.float64
+        gamma = bn.weight.to(dtype) if getattr(bn, "weight", None) is not None else 1.0
+        beta = bn.bias.to(dtype) if getattr(bn, "bias", None) is not None else 0.0
+        scale = gamma / torch.sqrt(var.to(dtype) + float(bn.eps))
+        bias = layer.bias.to(dtype) if layer.bias is not None else torch.zeros_like(mean, dtype=dtype)
+        new_weight = (weight.to(dtype) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+        new_bias = ((bias - mean.to(dtype)) * scale + beta).to(weight.dtype)
+    edits: list[Installable] = [_Assign(layer, "weight", new_weight), _Assign(layer, "bias", new_bias)]
+    if getattr(bn, "weight", None) is not None:
+        edits.append(_Assign(bn, "weight", torch.ones_like(bn.weight)))
+    if getattr(bn, "bias", None) is not None:
+        edits.append(_Assign(bn, "bias", torch.zeros_like(bn.bias)))
+    edits += [
+        _Assign(bn, "running_mean", torch.zeros_like(mean)),
+        _Assign(bn, "running_var", torch.ones_like(var)),
+        _Assign(bn, "eps", 0.0),
+    ]
+    return edits

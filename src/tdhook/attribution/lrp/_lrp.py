@@ -1,0 +1,237 @@
+"""``LRP``: layer-wise relevance propagation as a parameterisation of the gradient engine.
+
+Part of :mod:`tdhook.attribution.lrp`. At every enter, LRP walks ``named_modules()`` of the
+TensorDict-level model, asks the rule mapper for each module's rule and plans, in this order:
+the canonizers' edits, one :meth:`Rule.bind` per ruled module, then the gradient engine's capture
+hooks (so targets and ``input_modules`` see the rules' outputs). The core installs the plan and
+undoes it in reverse at exit, also after an exception; ``forward`` is never patched.
+
+The relevance flowing backwards is the "gradient" of the engine: ``(attr, k)`` is the relevance
+of input ``k``. The initial relevance is the seed (ones by default, as in tdhook 0.1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule
+from tensordict.utils import NestedKey
+from torch import nn
+
+from ..._core.context import HookedModule
+from ..._core.hooks import Installable
+from ...errors import TdhookWarning
+from .._errors import KEYS, AttributionError
+from .._gradient import AttrCallback, GradientAttribution
+from ._canonizers import Canonizer
+from ._composites import BaseRuleMapper, RuleMapper
+from ._errors import RuleMappingError
+from ._rule import Rule
+from ._rules import RuleName, rule_from_name
+
+__all__ = ["LRP", "MissingRuleWarning", "RelevanceSeed"]
+
+
+class MissingRuleWarning(TdhookWarning):
+    """Leaf modules got no LRP rule: their ordinary gradient carries the relevance."""
+
+
+class RelevanceSeed(str, Enum):
+    """The initial relevance at the targets when ``init_attr_grads`` is not given.
+
+    ``ONES``: one for every target (or for the ``targets`` indices), as tdhook 0.1 did.
+    ``OUTPUTS``: the target values themselves (the logits; only the ``targets`` indices if given),
+    the usual LRP convention; same as ``init_attr_grads=lambda targets, _: targets``.
+    """
+
+    ONES = "ones"
+    OUTPUTS = "outputs"
+
+    @classmethod
+    def parse(cls, value: str | RelevanceSeed) -> RelevanceSeed:
+        try:
+            return cls(value)
+        except ValueError:
+            raise AttributionError(
+                f"Unknown init_relevance {value!r}; expected one of {[s.value for s in cls]}."
+            ) from None
+
+
+_CONTAINER_NAMES = frozenset({"", "td_module", "module"})
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict, TensorDictModule)
+
+
+class LRP(GradientAttribution):
+    """Layer-wise relevance propagation (Bach et al., 2015) with per-module rules.
+
+    Args:
+        use_inputs, use_outputs, input_modules, target_modules, init_attr_targets,
+        init_attr_inputs, init_attr_cache_in, init_attr_grads, additional_init_keys,
+        output_grad_callbacks, attribution_key, clean_intermediate_keys, cache_callback: The
+            shared arguments of :class:`~tdhook.attribution.GradientAttribution`.
+        rule_mapper: ``(name, module) -> Rule | str | None`` for every module of the
+            TensorDict-level model (names ``"module.0"``...), e.g. :class:`EpsilonPlus`. A string
+            is a :class:`RuleName`. ``None``: no rule anywhere (plain gradient).
+        warn_on_missing_rule: Warn (one :class:`MissingRuleWarning` listing them) about leaf
+            modules that got no rule.
+        skip_modules: ``(name, module) -> bool``; skipped modules get no rule and no warning.
+            Default: :meth:`default_skip` (containers).
+        canonizers: Reversible edits applied around the context, e.g. ``[MergeBatchNorm()]``.
+        init_relevance: Seed when ``init_attr_grads`` is not given: ``"ones"`` (tdhook 0.1) or
+            ``"outputs"`` (the target values, e.g. the logit of the ``targets`` class).
+        targets, separate_targets: See :class:`~tdhook.attribution.GradientAttribution`.
+
+    Raises:
+        RuleMappingError: At enter, when the mapper returns something that is not a rule.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tdhook.attribution.lrp import EpsilonPlus
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> with LRP(rule_mapper=EpsilonPlus(), targets=[1], init_relevance="outputs").prepare(model) as hooked:
+        ...     td = hooked(TensorDict(input=torch.randn(5, 3), batch_size=[5]))
+        >>> td["attr", "input"].shape
+        torch.Size([5, 3])
+    """
+
+    def __init__(
+        self,
+        use_inputs: bool = True,
+        use_outputs: bool = True,
+        input_modules: Sequence[str] | None = None,
+        target_modules: Sequence[str] | None = None,
+        init_attr_targets: AttrCallback | None = None,
+        init_attr_inputs: AttrCallback | None = None,
+        init_attr_cache_in: AttrCallback | None = None,
+        init_attr_grads: AttrCallback | None = None,
+        additional_init_keys: Sequence[NestedKey] | None = None,
+        output_grad_callbacks: Mapping[str, Callable[..., Any]] | None = None,
+        attribution_key: str = KEYS.attr,
+        clean_intermediate_keys: bool = True,
+        cache_callback: Callable[..., Any] | None = None,
+        rule_mapper: RuleMapper | None = None,
+        warn_on_missing_rule: bool = True,
+        skip_modules: Callable[[str, nn.Module], bool] | None = None,
+        *,
+        canonizers: Sequence[Canonizer] = (),
+        init_relevance: str | RelevanceSeed = RelevanceSeed.ONES,
+        targets: int | Sequence[int] | None = None,
+        separate_targets: bool = False,
+    ) -> None:
+        super().__init__(
+            use_inputs,
+            use_outputs,
+            input_modules,
+            target_modules,
+            init_attr_targets,
+            init_attr_inputs,
+            init_attr_cache_in,
+            init_attr_grads,
+            additional_init_keys,
+            output_grad_callbacks,
+            attribution_key,
+            clean_intermediate_keys,
+            cache_callback,
+            targets=targets,
+            separate_targets=separate_targets,
+        )
+        if rule_mapper is not None and not callable(rule_mapper):
+            raise RuleMappingError(
+                f"rule_mapper must be callable as (name, module) -> Rule | None, got {type(rule_mapper).__name__}. "
+                "Pass e.g. EpsilonPlus() or a function."
+            )
+        if skip_modules is not None and not callable(skip_modules):
+            raise AttributionError(
+                f"skip_modules must be callable as (name, module) -> bool, got {type(skip_modules).__name__}."
+            )
+        for canonizer in canonizers:
+            if not isinstance(canonizer, Canonizer):
+                raise AttributionError(
+                    f"canonizers must be Canonizer instances (e.g. MergeBatchNorm()), got {type(canonizer).__name__}."
+                )
+        self.rule_mapper = rule_mapper
+        self.warn_on_missing_rule = bool(warn_on_missing_rule)
+        self.skip_modules = skip_modules if skip_modules is not None else LRP.default_skip
+        self.canonizers = tuple(canonizers)
+        self.init_relevance = RelevanceSeed.parse(init_relevance)
+
+    @staticmethod
+    def default_skip(name: str, module: nn.Module) -> bool:
+        """True for containers: ``nn.Sequential``/``ModuleList``/``ModuleDict``/``TensorDictModule``,
+        and the wrapper names ``""``, ``"td_module"``, ``"module"`` when they have submodules (a
+        model that is a single layer still gets its rule)."""
+        if isinstance(module, _CONTAINERS):
+            return True
+        return name in _CONTAINER_NAMES and next(module.children(), None) is not None
+
+    @staticmethod
+    def seed_with_outputs(targets: TensorDictBase, additional: TensorDictBase) -> TensorDictBase:
+        """An ``init_attr_grads`` seeding each target with its own (detached) value."""
+        return targets.detach()
+
+    # -- plan --------------------------------------------------------------------------------
+    def _rules(self, hooked: HookedModule) -> list[tuple[str, nn.Module, Rule]]:
+        mapper = self.rule_mapper
+        if isinstance(mapper, BaseRuleMapper):
+            mapper.reset()
+        ruled: list[tuple[str, nn.Module, Rule]] = []
+        missing: list[str] = []
+        for name, module in hooked.td_module.named_modules():
+            if self.skip_modules(name, module):
+                continue
+            rule = _as_rule(mapper(name, module), name, module) if mapper is not None else None
+            if rule is None:
+                if next(module.children(), None) is None:
+                    missing.append(f"`{name}` ({type(module).__name__})")
+                continue
+            ruled.append((name, module, rule))
+        if missing and self.warn_on_missing_rule:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            warnings.warn(
+                f"No rule found for {len(missing)} module(s): {shown}. Their plain gradient carries the "
+                "relevance. Pass rule_mapper=EpsilonPlus() (or map them), or warn_on_missing_rule=False.",
+                MissingRuleWarning,
+                stacklevel=4,
+            )
+        return ruled
+
+    def _plan(self, hooked: HookedModule) -> list[Installable]:
+        plan: list[Installable] = []
+        for canonizer in self.canonizers:
+            plan.extend(canonizer.plan(hooked.root))
+        plan.extend(rule.bind(module) for _, module, rule in self._rules(hooked) if rule.installs_hook)
+        plan.extend(super()._plan(hooked))
+        return plan
+
+    def _default_seed(self, target: torch.Tensor) -> torch.Tensor:
+        seed = super()._default_seed(target)
+        if self.init_relevance is RelevanceSeed.OUTPUTS:
+            return seed * target.detach()
+        return seed
+
+
+def _as_rule(value: Any, name: str, module: nn.Module) -> Rule | None:
+    if value is None or isinstance(value, Rule):
+        return value
+    if isinstance(value, (str, RuleName)):
+        try:
+            return rule_from_name(value)
+        except RuleMappingError as err:
+            raise RuleMappingError(
+                f"rule_mapper for module `{name}` ({type(module).__name__}): {err}"
+            ) from None
+    hint = (
+        f"return an instance, e.g. {value.__name__}()"
+        if isinstance(value, type) and issubclass(value, Rule)
+        else "return a Rule instance (e.g. EpsilonRule()), a rule name such as 'epsilon', or None"
+    )
+    raise RuleMappingError(
+        f"rule_mapper returned {value!r} ({type(value).__name__}) for module `{name}` "
+        f"({type(module).__name__}), expected a Rule or None: {hint}."
+    )

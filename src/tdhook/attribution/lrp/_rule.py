@@ -1,0 +1,306 @@
+"""The one generic LRP mechanism: a rule is a small object handed to a single forward hook.
+
+Part of :mod:`tdhook.attribution.lrp`. A :class:`Rule` says how relevance at a module's outputs
+becomes relevance at its inputs (:meth:`Rule.relevance`). :class:`RuleHook`, a forward hook,
+routes the module's output through :class:`_RelevanceFunction`, an autograd function whose value
+is a copy of the output and whose backward calls the rule. The model's ``forward`` is never
+replaced and nothing is written onto the module: removing the hook undoes everything.
+
+Inside a rule, ``relevance`` is what flows backwards (the "gradient"). Rules that need the
+module's local Jacobian use the module's own autograd graph (no second forward pass); rules that
+modify parameters re-run the layer functionally with modified copies of the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils.hooks import RemovableHandle
+
+from ..._core.hooks import HookDirection, HookSpec
+from ._errors import RuleInputError
+
+__all__ = [
+    "RemovableRuleHandle",
+    "Rule",
+    "RuleHook",
+    "bypass_rules",
+    "gradient_x_input",
+    "stabilize",
+]
+
+
+def stabilize(tensor: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    """Push ``tensor`` away from zero: ``t + ε`` where ``t ≥ 0``, ``t - ε`` elsewhere.
+
+    Args:
+        tensor: The denominator to stabilise.
+        epsilon: The distance added.
+
+    Returns:
+        A new tensor of the same shape.
+
+    Examples:
+        >>> stabilize(torch.tensor([0.0, -1.0, 2.0]), 0.5)
+        tensor([ 0.5000, -1.5000,  2.5000])
+    """
+    return torch.where(tensor >= 0, tensor + epsilon, tensor - epsilon)
+
+
+class _Bypass(threading.local):
+    active = False
+
+
+_BYPASS = _Bypass()
+
+
+@contextlib.contextmanager
+def bypass_rules() -> Iterator[None]:
+    """Make every :class:`RuleHook` a no-op in this thread (used when a rule re-runs a module)."""
+    previous = _BYPASS.active
+    _BYPASS.active = True
+    try:
+        yield
+    finally:
+        _BYPASS.active = previous
+
+
+def gradient_x_input(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    *,
+    multiply: bool = True,
+) -> list[torch.Tensor | None]:
+    """Return ``x ⊙ Jᵀw`` (or ``Jᵀw``) for every input, through the outputs' autograd graph.
+
+    Args:
+        outputs: Tensors computed from ``inputs`` (with their graph).
+        inputs: The tensors to differentiate with respect to; those that do not require grad
+            get ``None``.
+        weights: One vector per output (the grad_outputs).
+        multiply: Multiply the vector-Jacobian product by the input.
+
+    Returns:
+        One entry per input.
+    """
+    pairs = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
+    wanted = [i for i, x in enumerate(inputs) if x.requires_grad]
+    result: list[torch.Tensor | None] = [None] * len(inputs)
+    if not pairs or not wanted:
+        return result
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs],
+        [inputs[i] for i in wanted],
+        [w for _, w in pairs],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    for i, grad in zip(wanted, grads):
+        if grad is not None:
+            result[i] = inputs[i] * grad if multiply else grad
+    return result
+
+
+@dataclass(frozen=True, eq=False)
+class _Call:
+    rule: Rule
+    module: nn.Module
+    n_outputs: int
+
+
+class _RelevanceFunction(torch.autograd.Function):
+    """Value: a copy of the module's outputs. Backward: the rule's relevance for the inputs.
+
+    Arguments are ``(call, *outputs, *inputs)``; the outputs keep their graph, so rules can take
+    vector-Jacobian products through the module without running it again. No gradient flows
+    along the original output edges: relevance reaches the inputs only through the rule.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.call = call
+        ctx.save_for_backward(*tensors)
+        # A copy (not a view) so that in-place code after the module (``out += x``,
+        # ``ReLU(inplace=True)``) neither breaks autograd nor alters what the rule reads.
+        return tuple(t.clone() for t in tensors[: call.n_outputs])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        call: _Call = ctx.call
+        saved = ctx.saved_tensors
+        outputs, inputs = saved[: call.n_outputs], saved[call.n_outputs :]
+        with torch.enable_grad(), bypass_rules():
+            result = tuple(call.rule.relevance(call.module, inputs, outputs, relevance))
+        if len(result) != len(inputs):
+            raise RuleInputError(
+                f"{type(call.rule).__name__}.relevance returned {len(result)} value(s) for "
+                f"{len(inputs)} input(s) of {type(call.module).__name__}. Return one tensor (or None) per input."
+            )
+        needs = ctx.needs_input_grad[1 + call.n_outputs :]
+        grads = tuple(r.detach() if need and r is not None else None for r, need in zip(result, needs))
+        return (None, *([None] * call.n_outputs), *grads)
+
+
+@dataclass(frozen=True, eq=False)
+class RuleHook:
+    """The forward hook every rule uses: route the output through the rule's backward.
+
+    It does nothing when gradients are disabled, when no positional tensor input requires grad,
+    or inside :func:`bypass_rules`.
+
+    Args:
+        rule: The rule computing relevance in the backward pass.
+    """
+
+    rule: Rule
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if _BYPASS.active or not torch.is_grad_enabled():
+            return None
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+        if not any(x.requires_grad for x in inputs):
+            return None
+        single = isinstance(output, torch.Tensor)
+        outputs = (output,) if single else output
+        if not isinstance(outputs, tuple) or not all(isinstance(o, torch.Tensor) for o in outputs):
+            raise RuleInputError(
+                f"{type(self.rule).__name__} on {type(module).__name__}: LRP rules need a module that returns "
+                f"a tensor or a tuple of tensors, got {type(output).__name__}. Map this module to IgnoreRule "
+                "(or no rule) and put rules on its submodules instead."
+            )
+        self.rule.check(module, inputs, outputs)
+        new = _RelevanceFunction.apply(_Call(self.rule, module, len(outputs)), *outputs, *inputs)
+        return new[0] if single else tuple(new)
+
+
+class RemovableRuleHandle:
+    """Undo one :meth:`Rule.register`: ``.remove()`` (idempotent), or use it as a context manager.
+
+    Args:
+        rule: The registered rule.
+        module: The module it was registered on.
+        handle: The torch hook handle, or ``None`` for rules that install no hook.
+    """
+
+    def __init__(self, rule: Rule, module: nn.Module, handle: RemovableHandle | None) -> None:
+        self.rule = rule
+        self._module = weakref.ref(module)
+        self._handle = handle
+
+    def remove(self) -> None:
+        """Remove the rule from the module (a no-op the second time)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        module = self._module()
+        if module is not None:
+            self.rule._forget(module, self)
+
+    def __enter__(self) -> RemovableRuleHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@dataclass(frozen=True, eq=False)
+class _BoundRule:
+    """An :class:`~tdhook._core.hooks.Installable`: ``install()`` registers ``rule`` on ``module``."""
+
+    rule: Rule
+    module: nn.Module
+
+    def install(self) -> RemovableRuleHandle:
+        return self.rule.register(self.module)
+
+
+class Rule:
+    """Base class of LRP rules: how relevance at a module's outputs reaches its inputs.
+
+    Subclasses implement :meth:`relevance` (and optionally :meth:`check`). One instance can be
+    registered on many modules. Registration adds one forward hook (:class:`RuleHook`); the
+    module's ``forward`` is never replaced.
+
+    Examples:
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> from tdhook.attribution.lrp import EpsilonRule
+        >>> with EpsilonRule().register(lin):
+        ...     x = torch.randn(4, 3, requires_grad=True)
+        ...     y = lin(x)
+        ...     relevance = torch.autograd.grad(y, x, y.detach())[0]
+        >>> relevance.shape
+        torch.Size([4, 3])
+    """
+
+    #: False for rules that leave the module alone (IgnoreRule).
+    installs_hook = True
+
+    def relevance(
+        self,
+        module: nn.Module,
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+        relevance: Sequence[torch.Tensor],
+    ) -> Sequence[torch.Tensor | None]:
+        """Return the relevance of every input (``None``: no relevance flows there).
+
+        Args:
+            module: The module the rule is registered on.
+            inputs: Its positional tensor inputs (with their graph).
+            outputs: Its outputs (with their graph: ``gradient_x_input(outputs, inputs, w)``
+                computes ``x ⊙ Jᵀw`` without running the module again).
+            relevance: The relevance of every output.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement relevance().")
+
+    def check(
+        self, module: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    ) -> None:
+        """Validate a forward call (raise :class:`RuleInputError` early, with context)."""
+
+    # -- registration ------------------------------------------------------------------------
+    def bind(self, module: nn.Module) -> _BoundRule:
+        """Return an Installable that registers this rule on ``module`` (for a method's plan)."""
+        return _BoundRule(self, module)
+
+    def register(self, module: nn.Module) -> RemovableRuleHandle:
+        """Register the rule on ``module`` and return the handle that removes it."""
+        handle = None
+        if self.installs_hook:
+            handle = HookSpec(module, RuleHook(self), HookDirection.FWD).install()
+        rule_handle = RemovableRuleHandle(self, module, handle)
+        self._registry().setdefault(module, []).append(rule_handle)
+        return rule_handle
+
+    def unregister(self, module: nn.Module) -> None:
+        """Remove every registration of this rule from ``module`` (no-op if there is none)."""
+        for handle in list(self._registry().get(module, ())):
+            handle.remove()
+
+    def _registry(self) -> weakref.WeakKeyDictionary[nn.Module, list[RemovableRuleHandle]]:
+        registry = self.__dict__.get("_registered")
+        if registry is None:
+            registry = weakref.WeakKeyDictionary()
+            self.__dict__["_registered"] = registry
+        return registry
+
+    def _forget(self, module: nn.Module, handle: RemovableRuleHandle) -> None:
+        handles = self._registry().get(module)
+        if handles is not None and handle in handles:
+            handles.remove(handle)
+            if not handles:
+                del self._registry()[module]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"

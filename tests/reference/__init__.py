@@ -1,0 +1,1 @@
+"""Slow oracles written from the papers' equations (explicit loops, float64)."""

@@ -92,9 +92,9 @@ class Pruning(HookingContextFactory):
     entries with the smallest ``|score|`` across all of them are set to zero.
 
     **Structured mode** (``modules_to_prune={path: (dim, amount)}``): each scored parameter of the
-    module at ``path`` with more than ``dim`` dimensions loses the fraction ``amount`` (or
-    ``amount_to_prune`` when ``amount`` is None) of its slices along ``dim`` with the smallest L1
-    norm of the score. Parameters with too few dimensions (biases for ``dim=1``) are left as is.
+    module at ``path`` with at least two and more than ``dim`` dimensions loses the fraction
+    ``amount`` (or ``amount_to_prune`` when ``amount`` is None) of its slices along ``dim`` with
+    the smallest L1 norm of the score. Other parameters (biases) are left as is.
 
     Args:
         importance_callback: ``(module_key, parameter_name, parameter) -> score or None``; None
@@ -244,7 +244,7 @@ class Pruning(HookingContextFactory):
             module = resolve_path(root, path)
             for name, parameter in module.named_parameters(recurse=False):
                 score = self._score(path, name, parameter)
-                if score is None or score.dim() <= dim:
+                if score is None or score.dim() < 2 or score.dim() <= dim:  # as torch's ln_structured
                     continue
                 others = [d for d in range(score.dim()) if d != dim]
                 norm = score.abs().sum(dim=others) if others else score.abs()  # sum(dim=[]) sums everything

@@ -34,7 +34,8 @@ test: lint typecheck unit  ## lint, type checks, tests
 seed: venv  ## run the seed notebook's code unchanged
 	$(BIN)/python examples/torchrl_ppo_action_probing.py
 
-bench: venv
+bench: venv  ## build bench/.envs (once, several GB), run every benchmark, write docs/benchmarks.md
+	$(BIN)/python -m bench.envs
 	$(BIN)/python -m bench.run
 
 clean:

@@ -1,0 +1,27 @@
+"""Benchmark tasks, one module each; every module defines ``TASK`` (a :class:`bench._harness.Task`).
+
+Peers are imported inside ``setup`` only, so every module imports in every environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .._harness import Task
+
+__all__ = ["TASKS", "load"]
+
+#: Every task, in report order.
+TASKS = (
+    "caching_gpt2",
+    "caching_gpt2_tl",
+    "hook_overhead",
+    "intervention",
+)
+
+
+def load(name: str) -> Task:
+    """Import ``bench.tasks.<name>`` and return its ``TASK``."""
+    if name not in TASKS:
+        raise KeyError(f"Unknown task {name!r}; available: {', '.join(TASKS)}.")
+    return importlib.import_module(f"{__name__}.{name}").TASK

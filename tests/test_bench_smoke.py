@@ -1,0 +1,61 @@
+"""CI smoke test of the benchmark harness: correctness gates only, tiny sizes, in-process.
+
+Only peers available in the dev environment take part (captum, raw torch); the others are
+skipped. Nothing is timed here: timing lives in ``bench/`` (``python -m bench.run``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench._harness import Skip, compare_outputs, measure, run_in_process
+from bench.tasks import TASKS, load
+
+SMOKE = [(name, case.id) for name in TASKS for case in load(name).cases if case.smoke is not None]
+
+
+@pytest.mark.parametrize(("task_name", "case_id"), SMOKE, ids=[f"{t}/{c}" for t, c in SMOKE])
+def test_correctness_gate(task_name: str, case_id: str) -> None:
+    task = load(task_name)
+    case = next(c for c in task.cases if c.id == case_id)
+    assert case.smoke is not None
+    ours = run_in_process(task, task.ours, case.smoke)
+    compared = []
+    for impl in task.impls[1:]:
+        if impl.name == task.baseline:
+            continue
+        try:
+            theirs = run_in_process(task, impl.name, case.smoke)
+        except (ImportError, Skip):
+            continue  # peer not in the dev environment, or not part of this case
+        ok, why = compare_outputs(ours, theirs, task.rtol, task.atol)
+        assert ok, f"{task_name}/{case_id}: {task.ours} vs {impl.name}: {why}"
+        compared.append(impl.name)
+    assert compared, f"{task_name}/{case_id}: no peer available to compare with"
+
+
+def test_every_task_module_declares_a_valid_task() -> None:
+    for name in TASKS:
+        task = load(name)
+        assert task.name == name
+        names = [i.name for i in task.impls]
+        assert len(set(names)) == len(names)
+        assert set(task.targets) <= set(names)
+        assert task.baseline is None or task.baseline in names
+
+
+def test_gate_rejects_a_mismatch() -> None:
+    a = {"x": torch.zeros(3)}
+    ok, why = compare_outputs(a, {"x": torch.full((3,), 1e-3)}, rtol=0.0, atol=1e-4)
+    assert not ok
+    assert "max |Δ| = 1.00e-03" in why
+    assert not compare_outputs(a, {"y": torch.zeros(3)}, 0.0, 0.0)[0]
+    assert not compare_outputs(torch.zeros(2), torch.zeros(3), 0.0, 0.0)[0]
+
+
+def test_measure_reports_quantiles() -> None:
+    result = measure(lambda: None, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.0, memory=True)
+    assert result["repeats"] == 3
+    assert result["p10_s"] <= result["median_s"] <= result["p90_s"]
+    assert result["peak_rss_mib"] >= 0

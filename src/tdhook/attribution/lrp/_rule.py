@@ -106,7 +106,7 @@ def gradient_x_input(
     )
     for i, grad in zip(wanted, grads):
         if grad is not None:
-            result[i] = inputs[i] * grad if multiply else grad
+            result[i] = inputs[i].detach() * grad if multiply else grad
     return result
 
 
@@ -147,8 +147,13 @@ class _RelevanceFunction(torch.autograd.Function):
                 f"{len(inputs)} input(s) of {type(call.module).__name__}. Return one tensor (or None) per input."
             )
         needs = ctx.needs_input_grad[1 + call.n_outputs :]
-        grads = tuple(r.detach() if need and r is not None else None for r, need in zip(result, needs))
+        grads = tuple(_detached(r) if need else None for r, need in zip(result, needs))
         return (None, *([None] * call.n_outputs), *grads)
+
+
+def _detached(value: torch.Tensor | None) -> torch.Tensor | None:
+    # Rules may build their result from tensors with a graph; the relevance itself has none.
+    return value.detach() if value is not None and value.requires_grad else value
 
 
 @dataclass(frozen=True, eq=False)

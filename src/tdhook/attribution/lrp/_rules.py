@@ -422,7 +422,7 @@ class _TermRule(Rule):
             assert isinstance(z, torch.Tensor)
             weight = relevance[0] / stabilize(z.detach(), self.stabilizer)
             grads = torch.autograd.grad(z, xs, weight, allow_unused=True)
-            part = sum(xt * g for xt, g in zip(xs, grads) if g is not None)
+            part = sum(xt.detach() * g for xt, g in zip(xs, grads) if g is not None)
             if isinstance(part, torch.Tensor):
                 part = part * group.coefficient
                 total = part if total is None else total + part

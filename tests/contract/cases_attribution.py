@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from tdhook.attribution import GradientAttribution, InputXGradient, IntegratedGradients, Saliency
+from tdhook.attribution import (
+    ActivationMaximisation,
+    DimsConfig,
+    FeatureAblation,
+    GradCAM,
+    GradientAttribution,
+    GradientShap,
+    GuidedBackpropagation,
+    InputXGradient,
+    IntegratedGradients,
+    Occlusion,
+    Saliency,
+    SmoothGrad,
+    VarGrad,
+)
 
 from ._case import ContractCase, mlp_data, small_mlp
+
+
+def _inplace_mlp() -> nn.Module:
+    model = small_mlp()
+    model[1].inplace = True
+    return model
 
 
 def _with_baseline(model):
@@ -39,5 +60,20 @@ CASES = [
         ),
         small_mlp,
         _with_baseline,
+    ),
+    ContractCase("guided-backprop-inplace", lambda: GuidedBackpropagation(targets=0), _inplace_mlp, mlp_data),
+    ContractCase("grad-cam", lambda: GradCAM({"2": DimsConfig((-1,), None)}), small_mlp, mlp_data),
+    ContractCase(
+        "gradient-shap",
+        lambda: GradientShap(n_samples=3, chunk_size=2, stdevs=0.1),
+        small_mlp,
+        _with_baseline,
+    ),
+    ContractCase("smoothgrad", lambda: SmoothGrad(GuidedBackpropagation(), n_samples=3), small_mlp, mlp_data),
+    ContractCase("vargrad", lambda: VarGrad(n_samples=3, chunk_size=2), small_mlp, mlp_data),
+    ContractCase("feature-ablation", lambda: FeatureAblation(targets=1), small_mlp, mlp_data),
+    ContractCase("occlusion", lambda: Occlusion((2,), strides=2), small_mlp, mlp_data),
+    ContractCase(
+        "activation-maximisation", lambda: ActivationMaximisation(["2"], n_steps=2), small_mlp, mlp_data
     ),
 ]

@@ -9,18 +9,33 @@ Every method reads the model inputs (and ``("baseline", k)`` where relevant) and
 """
 
 from ._errors import AttributionError, AttributionKeys, BaselineError, IntegerInputError, TargetError
+from ._grad_cam import DimsConfig, GradCAM
 from ._gradient import GradientAttribution, InputXGradient, Saliency
+from ._guided import GuidedBackpropagation
 from ._integrated import IntegratedGradients, IntegrationMethod
+from ._maximisation import ActivationMaximisation
+from ._noise import SmoothGrad, VarGrad
+from ._perturbation import FeatureAblation, Occlusion
+from ._shap import GradientShap
 
 __all__ = [
+    "ActivationMaximisation",
     "AttributionError",
     "AttributionKeys",
     "BaselineError",
+    "DimsConfig",
+    "FeatureAblation",
+    "GradCAM",
     "GradientAttribution",
+    "GradientShap",
+    "GuidedBackpropagation",
     "InputXGradient",
     "IntegerInputError",
     "IntegratedGradients",
     "IntegrationMethod",
+    "Occlusion",
     "Saliency",
+    "SmoothGrad",
     "TargetError",
+    "VarGrad",
 ]

@@ -25,8 +25,8 @@ Subclass :class:`GradientAttribution` once and override only what differs:
   so that ``grads[k] * inputs[k]`` broadcasts. The default returns ``grads`` unchanged, which
   is what LRP needs (its rules already multiply by the input; the seed is the initial relevance:
   pass ``init_attr_grads=lambda targets, _: targets`` to seed with the logits).
-* Sampling methods (IG, SmoothGrad, GradientShap) override ``_n_points``, ``_points``,
-  ``_point_weights`` and ``_module_transforms`` (see their docstrings) and set
+* Sampling methods (IG, GradientShap) override ``_n_points``, ``_points``,
+  ``_point_weights``, ``_point_factors`` and ``_module_transforms`` (see their docstrings) and set
   ``self._chunk_size``; ``_prepare_job``/``_finish_job`` add per-call state and extra outputs.
 
 Minimal LRP sketch::
@@ -357,6 +357,10 @@ class GradientAttribution(HookingContextFactory):
         """Weights of points ``start:stop`` in the sum over points (``None``: plain sum)."""
         return None
 
+    def _point_factors(self, job: _Job, start: int, stop: int) -> dict[str, torch.Tensor] | None:
+        """Per-point factors multiplying the gradients before the sum (e.g. GradientShap's ``x − b``)."""
+        return None
+
     def _module_transforms(
         self, job: _Job, start: int, stop: int
     ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -514,6 +518,7 @@ class GradientAttribution(HookingContextFactory):
                 t_list, diff, s_list, allow_unused=True, is_grads_batched=separate, materialize_grads=False
             )
             weights = self._point_weights(job, start, stop)
+            factors = self._point_factors(job, start, stop)
             for name, grad in zip(diff_names, grads):
                 if grad is None:
                     raise TargetError(
@@ -521,6 +526,8 @@ class GradientAttribution(HookingContextFactory):
                         "init_attr_targets / target_modules (a target computed from detached values or "
                         "from another input), or drop this input (init_attr_inputs / in_keys)."
                     )
+                if factors is not None and name in factors:
+                    grad = grad * factors[name]
                 reduced = _reduce_points(grad, n, c, weights, separate)
                 acc[name] = reduced if name not in acc else acc[name] + reduced
                 if n_points == 1:

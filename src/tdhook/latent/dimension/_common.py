@@ -1,0 +1,100 @@
+"""Helpers shared by the dimension estimators: argument checks, input reading, ``k="auto"``, repr."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torch import Tensor
+
+from ...errors import InvalidInputError
+from ..stats._checks import as_float, check_finite, read_key
+from ..stats._errors import IncompatibleInputsError, InvalidParameterError
+
+__all__ = [
+    "AUTO",
+    "KSpec",
+    "auto_k",
+    "check_chunk_size",
+    "check_eps",
+    "check_k",
+    "format_repr",
+    "read_points",
+]
+
+AUTO: Literal["auto"] = "auto"
+KSpec = int | Literal["auto"]
+
+
+def check_k(k: Any, *, minimum: int, message: str) -> KSpec:
+    """Validate a neighbourhood size: ``"auto"`` or an ``int >= minimum``.
+
+    Args:
+        k: The value passed by the user.
+        minimum: Smallest valid integer.
+        message: The reference's message for a too-small ``k`` (e.g. ``"k must be at least 1"``).
+
+    Raises:
+        InvalidInputError: If ``k`` is neither an ``int`` nor ``"auto"`` (a ``TypeError``).
+        InvalidParameterError: If ``k < minimum`` (a ``ValueError``).
+    """
+    if isinstance(k, str) and k == AUTO:
+        return AUTO
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise InvalidInputError(f"k must be an int or 'auto', got {k!r} of type {type(k).__name__}.")
+    if k < minimum:
+        raise InvalidParameterError(f"{message}, got k={k}; pass k='auto' or an int >= {minimum}.")
+    return k
+
+
+def check_eps(eps: Any) -> float:
+    """Validate the duplicate threshold (a number ``>= 0``)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise InvalidParameterError(f"eps must be a number >= 0, got {eps!r}.")
+    return float(eps)
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """Validate an optional positive chunk size."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise InvalidParameterError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    return chunk_size
+
+
+def auto_k(n_points: int) -> int:
+    """``k="auto"``: ``max(2, min(floor(sqrt(N)), (N - 1) // 2))``."""
+    return max(2, min(math.isqrt(n_points), (n_points - 1) // 2))
+
+
+def read_points(td: TensorDictBase, key: NestedKey, *, owner: str) -> tuple[Tensor, tuple[int, ...]]:
+    """Read ``(..., N, D)`` points and flatten them to ``(B, N, D)``.
+
+    Returns:
+        The float points and the leading batch shape.
+
+    Raises:
+        MissingKeyError: If ``key`` is absent.
+        IncompatibleInputsError: If the entry has fewer than 2 dimensions.
+        NonFiniteInputError: If it holds NaN or inf (the key is named).
+    """
+    x = read_key(td, key, owner=owner)
+    if x.ndim < 2:
+        raise IncompatibleInputsError(
+            f"{owner} expects points of shape (N, D) or (..., N, D) at {key!r}, got shape {tuple(x.shape)}; "
+            f"add a feature dimension with x.unsqueeze(-1)."
+        )
+    x = as_float(x)
+    check_finite(x, name=f"{owner} input {key!r}")
+    batch = tuple(x.shape[:-2])
+    return x.reshape(-1, x.shape[-2], x.shape[-1]), batch
+
+
+def format_repr(obj: Any, **fields: Any) -> str:
+    """``Name(in_keys=[...], out_keys=[...], field=value, ...)``."""
+    parts = [f"in_keys={list(obj.in_keys)}", f"out_keys={list(obj.out_keys)}"]
+    parts += [f"{name}={value!r}" for name, value in fields.items()]
+    return f"{type(obj).__name__}({', '.join(parts)})"

@@ -1,0 +1,87 @@
+"""Local (per-point) intrinsic dimension from k-th and 2k-th neighbour distances."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
+
+from ..stats._errors import InsufficientSamplesError
+from ._common import AUTO, KSpec, auto_k, check_chunk_size, check_eps, check_k, format_repr, read_points
+from ._knn import knn
+
+__all__ = ["LocalKnnDimensionEstimator"]
+
+
+class LocalKnnDimensionEstimator(TensorDictModuleBase):
+    """Per-point dimension ``d(x) = ln 2 / ln(R_2k(x) / R_k(x))``.
+
+    ``R_k`` and ``R_2k`` are the distances to the k-th and 2k-th nearest valid neighbours
+    (neighbours closer than ``eps`` count as duplicates and are skipped). In a ``d``-dimensional
+    uniform neighbourhood the number of points within radius ``R`` grows like ``R^d``, so
+    doubling the count multiplies the radius by ``2^{1/d}``. The estimate is NaN where a point
+    lacks 2k valid neighbours or ``R_2k <= R_k``.
+
+    Args:
+        k: Neighbourhood size, an ``int > 1`` or ``"auto"``
+            (``max(2, min(floor(sqrt(N)), (N - 1) // 2))``).
+        in_key: Key of the ``(N, D)`` or ``(..., N, D)`` points.
+        out_key: Key of the float32 per-point estimates, shape ``(..., N)``.
+        eps: Duplicate threshold.
+        chunk_size: Rows per neighbour-search block (``None``: automatic).
+
+    Raises:
+        InvalidInputError: If ``k`` is neither an int nor ``"auto"`` (a ``TypeError``).
+        InvalidParameterError: If ``k <= 1``.
+        InsufficientSamplesError: At call time, if ``N < 2k + 1``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> circle = torch.randn(1000, 2)
+        >>> circle = circle / circle.norm(dim=1, keepdim=True)
+        >>> td = LocalKnnDimensionEstimator(k=10)(TensorDict({"data": circle}))
+        >>> round(float(td["dimension"].nanmedian()))
+        1
+    """
+
+    def __init__(
+        self,
+        k: KSpec = AUTO,
+        in_key: NestedKey = "data",
+        out_key: NestedKey = "dimension",
+        eps: float = 1e-5,
+        *,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.k = check_k(k, minimum=2, message="k must be greater than 1")
+        self.in_key = in_key
+        self.out_key = out_key
+        self.eps = check_eps(eps)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.in_keys = [in_key]
+        self.out_keys = [out_key]
+
+    def __repr__(self) -> str:
+        return format_repr(self, k=self.k, eps=self.eps)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Estimate the per-point dimension of ``tensordict[in_key]`` and write it to ``out_key``."""
+        x, batch = read_points(tensordict, self.in_key, owner=type(self).__name__)
+        n = x.shape[-2]
+        k = auto_k(n) if self.k == AUTO else int(self.k)
+        if n < 2 * k + 1:
+            raise InsufficientSamplesError(
+                f"At least 2k+1 points required for local KNN (k={k}), got {n} at {self.in_key!r}; "
+                f"lower k or pass more points."
+            )
+        dist = knn(x, 2 * k, eps=self.eps, chunk_size=self.chunk_size).distances.to(torch.float64)
+        r_k, r_2k = dist[..., k - 1], dist[..., 2 * k - 1]
+        ok = torch.isfinite(r_2k) & (r_2k > r_k)
+        dim = torch.where(ok, math.log(2.0) / torch.log(torch.where(ok, r_2k / r_k, 2.0)), torch.nan)
+        tensordict.set(self.out_key, dim.to(torch.float32).reshape(*batch, n))
+        return tensordict

@@ -1,0 +1,116 @@
+"""Input checks shared by the dimension, similarity and streaming estimators.
+
+Every public estimator calls these at its boundary, so the messages are the same everywhere:
+they name the offending key or argument, what was expected, and one fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torch import Tensor
+
+from ...errors import InvalidInputError, MissingKeyError
+from ._errors import InvalidParameterError, NonFiniteInputError
+
+__all__ = ["as_float", "as_tensor", "check_finite", "check_positive_int", "read_key", "suffix_key"]
+
+
+def as_float(x: Tensor) -> Tensor:
+    """Return ``x`` unchanged if it is floating point, else promoted to ``float32``."""
+    return x if x.is_floating_point() else x.to(torch.float32)
+
+
+def as_tensor(x: Any, *, name: str) -> Tensor:
+    """Convert an array-like (tensor, numpy array, nested list) to a tensor.
+
+    Args:
+        x: The value.
+        name: Argument name used in the error message.
+
+    Returns:
+        ``x`` itself when it is a tensor, else ``torch.as_tensor(x)``.
+
+    Raises:
+        InvalidInputError: If ``x`` cannot be converted.
+    """
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidInputError(
+            f"{name} must be a tensor or an array-like of numbers, got {type(x).__name__}; "
+            f"convert it with torch.as_tensor(...) first."
+        ) from err
+
+
+def check_finite(x: Tensor, *, name: str) -> None:
+    """Raise :class:`NonFiniteInputError` if ``x`` holds a NaN or an infinity.
+
+    Args:
+        x: The tensor to check.
+        name: How the message names it (a TensorDict key or an argument name).
+
+    Raises:
+        NonFiniteInputError: With the number of bad values and a fix.
+    """
+    if x.is_floating_point() or x.is_complex():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            n_bad = int((~finite).sum())
+            raise NonFiniteInputError(
+                f"{name} contains {n_bad} non-finite value(s) (NaN or inf) out of {x.numel()}; "
+                f"finite values are required. Drop or impute them first, e.g. keep the rows "
+                f"x[torch.isfinite(x).all(-1)]."
+            )
+
+
+def check_positive_int(value: Any, *, name: str, minimum: int = 1) -> int:
+    """Return ``value`` if it is an ``int`` (not ``bool``) of at least ``minimum``.
+
+    Raises:
+        InvalidInputError: If it is not an integer (a ``TypeError``).
+        InvalidParameterError: If it is smaller than ``minimum`` (a ``ValueError``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(
+            f"{name} must be an int >= {minimum}, got {value!r} of type {type(value).__name__}."
+        )
+    if value < minimum:
+        raise InvalidParameterError(f"{name} must be an int >= {minimum}, got {value}.")
+    return value
+
+
+def read_key(td: TensorDictBase, key: NestedKey, *, owner: str) -> Tensor:
+    """Read ``td[key]`` as a tensor, with a helpful error when the key is absent.
+
+    Args:
+        td: The TensorDict.
+        key: The key to read.
+        owner: Name of the estimator, for the message.
+
+    Raises:
+        MissingKeyError: Listing the keys present.
+        InvalidInputError: If the entry is not a tensor.
+    """
+    if key not in td.keys(include_nested=True):
+        present = list(td.keys(include_nested=True, leaves_only=True))
+        raise MissingKeyError(
+            f"{owner} reads {key!r}, which is not in the TensorDict; keys present: {present}. "
+            f"Store the data under {key!r}, or pass the key to the constructor (e.g. in_key=...)."
+        )
+    value = td.get(key)
+    if not isinstance(value, Tensor):
+        raise InvalidInputError(f"{owner} expects a tensor at {key!r}, got {type(value).__name__}.")
+    return value
+
+
+def suffix_key(key: NestedKey, suffix: str) -> NestedKey:
+    """Append ``suffix`` to the last element of a (possibly nested) key: ``("a", "b")`` → ``("a", "b_x")``."""
+    if isinstance(key, str):
+        return key + suffix
+    return (*key[:-1], key[-1] + suffix)

@@ -88,6 +88,7 @@ class Case:
     id: str
     params: Mapping[str, Any]
     quick: bool = True  # part of --quick
+    gate: Mapping[str, Any] | None = None  # parameters overridden for the gate (e.g. no noise)
     smoke: Mapping[str, Any] | None = None  # tiny parameters for the CI smoke test (gate only)
 
 
@@ -103,6 +104,7 @@ class Task:
         cases: Parameter sets.
         rtol, atol: Gate tolerances.
         targets: ``{peer name: highest acceptable ours/peer ratio}``.
+        case_targets: ``{case id: {peer name: ratio}}``, overriding ``targets`` for one case.
         baseline: An impl (not a library, e.g. the plain forward) whose median is subtracted:
             the table then reports overhead in µs above it, and ratios of overheads.
         memory: Report peak RSS (off for micro-benchmarks where it is noise).
@@ -116,6 +118,7 @@ class Task:
     rtol: float = 1e-5
     atol: float = 1e-5
     targets: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    case_targets: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
     baseline: str | None = None
     memory: bool = True
     timing: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -124,6 +127,10 @@ class Task:
     @property
     def ours(self) -> str:
         return self.impls[0].name
+
+    def target(self, case_id: str, peer: str) -> float | None:
+        """The highest acceptable ours / ``peer`` ratio on ``case_id`` (None: no target)."""
+        return {**self.targets, **self.case_targets.get(case_id, {})}.get(peer)
 
     def impl(self, name: str) -> type[Impl]:
         for impl in self.impls:
@@ -289,6 +296,7 @@ class CaseResult:
     status: str  # ok | failed | unavailable
     reason: str
     libs: list[LibResult]
+    load: list[float] = dataclasses.field(default_factory=list)  # 1-min load average, before/after
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,12 +358,13 @@ def run_case(
         reason = f"environment {task.env!r} is missing: run `python -m bench.envs {task.env}`"
         return CaseResult(task.name, case.id, params, "unavailable", reason, [])
     base = {"task": task.name, "params": params}
+    gate_base = {"task": task.name, "params": {**params, **(case.gate or {})}}
     results = {n: LibResult(n) for n in names}
     outputs: dict[str, Any] = {}
     # 1. correctness gate
     for name in names:
         log(f"  [{task.name}/{case.id}] gate: {name}")
-        r = _run_child(python, {**base, "lib": name, "mode": "output"}, timeout_s)
+        r = _run_child(python, {**gate_base, "lib": name, "mode": "output"}, timeout_s)
         if r.get("status") != "ok":
             results[name].status = r.get("status", "error")
             results[name].reason = r.get("reason", "")
@@ -379,6 +388,7 @@ def run_case(
     if failed:
         return CaseResult(task.name, case.id, params, "failed", "; ".join(failed), list(results.values()))
     # 2. timing
+    load = [os.getloadavg()[0]]
     for name in names:
         if results[name].status != "ok":
             continue
@@ -399,7 +409,8 @@ def run_case(
             results[name].reason = r.get("reason", "")
             continue
         results[name].timing = r["timing"]
-    return CaseResult(task.name, case.id, params, "ok", "", list(results.values()))
+    load.append(os.getloadavg()[0])
+    return CaseResult(task.name, case.id, params, "ok", "", list(results.values()), load)
 
 
 def child_main(spec_path: str) -> None:

@@ -104,12 +104,12 @@ def _task_table(task: Task, entries: list[dict[str, Any]]) -> list[str]:
             t = lib["timing"]
             cell = f"{_fmt_time(med)} ({_fmt_time(t['p10_s'])}–{_fmt_time(t['p90_s'])}, n={t['repeats']})"
             if over:
-                extra = "" if base is None or name == task.baseline else f"+{(med - base) * 1e6:.0f} µs"
+                extra = "" if base is None or name == task.baseline else f"{(med - base) * 1e6:+.0f} µs"
             else:
                 rss = t.get("peak_rss_mib")
                 extra = "" if rss is None else f"{rss:.0f} MiB"
             ratio = r.get(name)
-            target = task.targets.get(name)
+            target = task.target(case, name)
             rcell = "" if ratio is None else f"{ratio:.2f}"
             tcell = ""
             if target is not None and ratio is not None:
@@ -128,7 +128,7 @@ def _shortfalls(tasks: list[tuple[Task, list[dict[str, Any]]]]) -> list[str]:
             if entry["status"] == "failed":
                 rows.append(f"- `{task.name}` {entry['case']}: correctness gate failed ({entry['reason']}).")
             for peer, ratio in ratios(task, entry).items():
-                target = task.targets.get(peer)
+                target = task.target(entry["case"], peer)
                 if target is not None and ratio > target:
                     rows.append(
                         f"- `{task.name}` {entry['case']} vs {_label(task, peer)}: {ratio:.2f} (target ≤ {target:g})."
@@ -221,7 +221,7 @@ def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:
             for peer, ratio in ratios(task, entry).items():
                 labels.append(f"{task.name} {entry['case']} / {_label(task, peer)}")
                 values.append(ratio)
-                targets.append(task.targets.get(peer))
+                targets.append(task.target(entry["case"], peer))
     ax = axes[0]
     if values:
         ys = range(len(values))

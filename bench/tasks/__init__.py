@@ -13,10 +13,12 @@ __all__ = ["TASKS", "load"]
 
 #: Every task, in report order.
 TASKS = (
+    "ig_captum",
     "caching_gpt2",
     "caching_gpt2_tl",
     "hook_overhead",
     "intervention",
+    "composed",
 )
 
 

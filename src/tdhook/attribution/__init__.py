@@ -17,8 +17,10 @@ from ._maximisation import ActivationMaximisation
 from ._noise import SmoothGrad, VarGrad
 from ._perturbation import FeatureAblation, Occlusion
 from ._shap import GradientShap
+from .lrp import LRP
 
 __all__ = [
+    "LRP",
     "ActivationMaximisation",
     "AttributionError",
     "AttributionKeys",

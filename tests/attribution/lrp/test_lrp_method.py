@@ -325,3 +325,15 @@ def test_bad_constructor_arguments():
         LRP(skip_modules=True)
     with pytest.raises(ValueError, match="canonizers must be Canonizer instances"):
         LRP(canonizers=[object()])
+
+
+def test_inplace_activations_give_the_same_relevance(cnn):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 4, 4)
+    plain = run_lrp(cnn, x, rule_mapper=EpsilonPlus(), targets=[1])["attr", "input"]
+    inplace = copy.deepcopy(cnn)
+    inplace[1].inplace = True
+    inplace[3].inplace = True
+    torch.testing.assert_close(
+        run_lrp(inplace, x, rule_mapper=EpsilonPlus(), targets=[1])["attr", "input"], plain
+    )

@@ -24,6 +24,7 @@ __all__ = [
     "errors",
     "hooks",
     "latent",
+    "metrics",
     "modules",
     "weights",
 ]

@@ -16,6 +16,7 @@ from ._integrated import IntegratedGradients, IntegrationMethod
 from ._maximisation import ActivationMaximisation
 from ._noise import SmoothGrad, VarGrad
 from ._perturbation import FeatureAblation, Occlusion
+from ._rl import action_log_prob_target, advantage_target, state_value_target
 from ._shap import GradientShap
 from .lrp import LRP
 
@@ -40,4 +41,7 @@ __all__ = [
     "SmoothGrad",
     "TargetError",
     "VarGrad",
+    "action_log_prob_target",
+    "advantage_target",
+    "state_value_target",
 ]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -23,6 +24,16 @@ def load_example():
     return module
 
 
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is ~50x faster than two on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_digits_steering_example(tmp_path, capsys) -> None:
     results = load_example().main(["--out", str(tmp_path), "--epochs", "60"])
     assert results["test_accuracy"] > 0.9

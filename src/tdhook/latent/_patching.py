@@ -282,7 +282,6 @@ class ActivationPatching(HookingContextFactory):
         return self._patch_key
 
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
-        self._state = RunState()
         return recording_plan(hooked, self._modules, self._state, self._cache_callback, self._patch_fn)
 
     def _call(

@@ -229,7 +229,6 @@ class ActivationAddition(HookingContextFactory):
         return list(self._modules)
 
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
-        self._state = RunState()
         return recording_plan(hooked, self._modules, self._state, self._cache_callback)
 
     def _call(

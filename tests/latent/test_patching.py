@@ -195,3 +195,26 @@ def test_tuple_outputs_with_a_cache_callback() -> None:
 
 def test_compat_import_path() -> None:
     assert CompatPatching is ActivationPatching
+
+
+def test_tensordict_module_with_a_subset_of_inputs() -> None:
+    from tensordict.nn import TensorDictModule
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Linear(2, 2)
+
+        def forward(self, a, b):
+            return self.mix(a) * b
+
+    torch.manual_seed(0)
+    module = TensorDictModule(Two(), in_keys=["a", "b"], out_keys=["y"])
+    td = TensorDict(
+        {"a": torch.randn(3, 2), "b": torch.randn(3, 2), ("patched", "a"): torch.randn(3, 2)}, [3]
+    )
+    # Only "a" is patched; "b" is shared by both runs. Names are relative to the TensorDictModule.
+    with ActivationPatching(["module.mix"]).prepare(module, in_keys=["a"]) as hooked:
+        out = hooked(td)
+    torch.testing.assert_close(out["patched", "y"], out["y"])
+    assert set(out["patched"].keys()) == {"a", "y"}

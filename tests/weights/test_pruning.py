@@ -211,3 +211,15 @@ def test_other_bad_inputs(model) -> None:
         pass
     for p in model.parameters():
         assert int((p == 0).sum()) == 0  # every failed enter left the model untouched
+
+
+def test_disable_yields_the_unpruned_model_and_prunes_again_after(model) -> None:
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with Pruning(None, amount_to_prune=0.5).prepare(model) as hooked:
+        pruned = hooked(x)
+        with hooked.disable_context() as raw:
+            assert raw is model
+            torch.testing.assert_close(raw(x), expected)
+        torch.testing.assert_close(hooked(x), pruned)
+    torch.testing.assert_close(model(x), expected)

@@ -24,6 +24,7 @@ from tdhook.attribution.lrp import (
     FlatRule,
     GammaRule,
     IgnoreRule,
+    MergeBatchNorm,
     MissingRuleWarning,
     PassRule,
     RuleMappingError,
@@ -337,3 +338,36 @@ def test_inplace_activations_give_the_same_relevance(cnn):
     torch.testing.assert_close(
         run_lrp(inplace, x, rule_mapper=EpsilonPlus(), targets=[1])["attr", "input"], plain
     )
+
+
+def test_disable_removes_rules_and_canonizers_and_puts_them_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(5, 3)
+    weight = model[0].weight.detach().clone()
+    lrp = LRP(rule_mapper=EpsilonPlus(), canonizers=[MergeBatchNorm()], init_relevance="outputs")
+    with lrp.prepare(model) as hooked:
+        first = hooked(_td(x))["attr", "input"]
+        assert not torch.equal(model[0].weight, weight)  # merged
+        with hooked.disable_context() as plain:
+            assert plain is model
+            assert torch.equal(model[0].weight, weight)
+            assert all(len(m._forward_hooks) == 0 for m in model)
+        torch.testing.assert_close(hooked(_td(x))["attr", "input"], first)
+    assert torch.equal(model[0].weight, weight)
+
+
+def test_compat_import_paths():
+    from tdhook.attribution import LRP as top_level
+    from tdhook.attribution.lrp_helpers import layers, rules, types
+
+    assert top_level is LRP
+    assert rules.EpsilonPlus is EpsilonPlus
+    assert rules.Rule.__name__ == "Rule"
+    assert types.Linear == (*types.Convolution, nn.Linear)
+    assert isinstance(nn.Conv2d(1, 1, 1), types.Convolution)
+    assert layers.Sum is Sum
+    for name in ("AHQKVRule", "ParamModifier", "RemovableRuleHandle", "raise_for_unconserved_rel_factory"):
+        assert hasattr(rules, name)

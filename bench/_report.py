@@ -39,29 +39,32 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
-def _median(lib: Mapping[str, Any]) -> float | None:
+def _median(lib: Mapping[str, Any], metric: str = "median_s") -> float | None:
     timing = lib.get("timing") or {}
-    return timing.get("median_s")
+    return timing.get(metric)
 
 
-def ratios(task: Task, entry: Mapping[str, Any]) -> dict[str, float]:
-    """``{peer: ours / peer}`` for one case (overheads above the baseline where the task has one)."""
+def ratios(task: Task, entry: Mapping[str, Any], metric: str = "median_s") -> dict[str, float]:
+    """``{peer: ours / peer}`` for one case (overheads above the baseline where the task has one).
+
+    ``metric`` is ``median_s`` (wall time, the headline) or ``cpu_median_s`` (CPU time).
+    """
     libs = {lib["name"]: lib for lib in entry["libs"]}
     ours = libs.get(task.ours)
-    if ours is None or _median(ours) is None:
+    if ours is None or _median(ours, metric) is None:
         return {}
     base = 0.0
     if task.baseline:
         b = libs.get(task.baseline)
-        if b is None or _median(b) is None:
+        if b is None or _median(b, metric) is None:
             return {}
-        base = _median(b) or 0.0
-    ours_v = (_median(ours) or 0.0) - base
+        base = _median(b, metric) or 0.0
+    ours_v = (_median(ours, metric) or 0.0) - base
     out = {}
     for name, lib in libs.items():
-        if name in (task.ours, task.baseline) or _median(lib) is None:
+        if name in (task.ours, task.baseline) or _median(lib, metric) is None:
             continue
-        peer_v = (_median(lib) or 0.0) - base
+        peer_v = (_median(lib, metric) or 0.0) - base
         if peer_v > 0 and ours_v >= 0:
             out[name] = ours_v / peer_v
     return out
@@ -80,43 +83,56 @@ def _task_table(task: Task, entries: list[dict[str, Any]]) -> list[str]:
     if task.notes:
         lines += [task.notes, ""]
     over = task.baseline is not None
-    head = "| case | library | time per call (p10–p90) |"
-    head += " above plain |" if over else " peak RSS above baseline |"
-    head += " ours / this | target |"
+    head = "| case | library | wall per call: median (p10–p90, n) | CPU per call |"
+    head += " above plain (wall / CPU) |" if over else " peak RSS above baseline |"
+    head += " ours / this (wall) | ours / this (CPU) | target |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for entry in entries:
         case = entry["case"]
+        load = entry.get("load") or []
+        ccell = case + (f" (load {load[0]:.1f}→{load[-1]:.1f})" if load else "")
         if entry["status"] in ("failed", "unavailable"):
-            lines.append(f"| {case} | — | **{entry['status']}**: {entry['reason']} | | | |")
+            lines.append(f"| {ccell} | — | **{entry['status']}**: {entry['reason']} | | | | | |")
             if entry["status"] == "unavailable":
                 continue
         r = ratios(task, entry)
+        rc = ratios(task, entry, "cpu_median_s")
         libs = {lib["name"]: lib for lib in entry["libs"]}
         base = _median(libs.get(task.baseline, {})) if over else None
+        base_cpu = _median(libs.get(task.baseline, {}), "cpu_median_s") if over else None
         for lib in entry["libs"]:
             name = lib["name"]
             label = _label(task, name) + (" (ours)" if name == task.ours else "")
             med = _median(lib)
             if lib["status"] != "ok" or med is None:
                 why = lib["reason"] or lib["gate"]
-                lines.append(f"| {case} | {label} | {lib['status']}: {why} | | | |")
+                lines.append(f"| {ccell} | {label} | {lib['status']}: {why} | | | | | |")
                 continue
             t = lib["timing"]
             cell = f"{_fmt_time(med)} ({_fmt_time(t['p10_s'])}–{_fmt_time(t['p90_s'])}, n={t['repeats']})"
+            cpu = t.get("cpu_median_s")
+            cpu_cell = "" if cpu is None else _fmt_time(cpu)
             if over:
-                extra = "" if base is None or name == task.baseline else f"{(med - base) * 1e6:+.0f} µs"
+                extra = ""
+                if base is not None and name != task.baseline:
+                    extra = f"{(med - base) * 1e6:+.0f} µs"
+                    if cpu is not None and base_cpu is not None:
+                        extra += f" / {(cpu - base_cpu) * 1e6:+.0f} µs"
             else:
                 rss = t.get("peak_rss_mib")
                 extra = "" if rss is None else f"{rss:.0f} MiB"
-            ratio = r.get(name)
+            ratio, ratio_cpu = r.get(name), rc.get(name)
             target = task.target(case, name)
             rcell = "" if ratio is None else f"{ratio:.2f}"
+            rccell = "" if ratio_cpu is None else f"{ratio_cpu:.2f}"
             tcell = ""
             if target is not None and ratio is not None:
                 tcell = f"≤ {target:g} {'✓' if ratio <= target else '✗'}"
             elif target is not None:
                 tcell = f"≤ {target:g}"
-            lines.append(f"| {case} | {label} | {cell} | {extra} | {rcell} | {tcell} |")
+            lines.append(
+                f"| {ccell} | {label} | {cell} | {cpu_cell} | {extra} | {rcell} | {rccell} | {tcell} |"
+            )
     lines.append("")
     return lines
 

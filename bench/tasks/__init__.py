@@ -14,6 +14,8 @@ __all__ = ["TASKS", "load"]
 #: Every task, in report order.
 TASKS = (
     "ig_captum",
+    "saliency_captum",
+    "lrp_zennit",
     "caching_gpt2",
     "caching_gpt2_tl",
     "hook_overhead",

@@ -1,0 +1,102 @@
+"""LRP vs zennit: EpsilonPlus on the MLP; EpsilonPlusFlat / EpsilonAlpha2Beta1Flat on the CNN.
+
+zennit's environment has torch 2.14.1 + torchvision 0.29.1 (zennit imports torchvision), so ours
+runs in that environment too. Relevance is seeded with a one-hot at class 3 (zennit's usual
+``attributor(x, one_hot)``); on the CNN, BatchNorm is merged into the convolutions (ours:
+``MergeBatchNorm``, zennit: ``SequentialMergeBatchNorm``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._harness import Case, Impl, Task
+from ..models import sequential_mlp, vgg11_bn
+
+TARGET = 3
+
+
+def _build(params: Any) -> tuple[torch.nn.Module, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    if params["model"] == "mlp":
+        model = sequential_mlp(params["depth"], params["width"])
+        return model, torch.randn(params["batch"], params["width"], generator=gen)
+    model = vgg11_bn(image_size=params["size"], width_factor=params.get("width_factor", 1.0))
+    return model, torch.randn(params["batch"], 3, params["size"], params["size"], generator=gen)
+
+
+class Tdhook(Impl):
+    """``LRP(rule_mapper=<composite>(), canonizers=[MergeBatchNorm()], targets=[3])``."""
+
+    name = "tdhook"
+    label = "tdhook LRP"
+
+    def setup(self, params):
+        from tensordict import TensorDict
+
+        from tdhook.attribution import lrp
+
+        model, self.x = _build(params)
+        mapper = getattr(lrp, params["composite"])()
+        canonizers = [lrp.MergeBatchNorm()] if params["model"] == "cnn" else []
+        method = lrp.LRP(
+            rule_mapper=mapper, canonizers=canonizers, targets=[TARGET], warn_on_missing_rule=False
+        )
+        self.context = method.prepare(model)
+        self.hooked = self.context.__enter__()
+        self.td_class = TensorDict
+
+    def run(self):
+        x = self.x
+        self.attr = self.hooked(self.td_class(input=x, batch_size=x.shape[:1]))["attr", "input"]
+
+    def output(self):
+        return self.attr
+
+
+class Zennit(Impl):
+    """``with <Composite>(canonizers=[SequentialMergeBatchNorm()]).context(model)``: forward, grad."""
+
+    name = "zennit"
+    label = "zennit"
+
+    def setup(self, params):
+        import zennit.composites as composites
+        from zennit.canonizers import SequentialMergeBatchNorm
+
+        self.model, self.x = _build(params)
+        canonizers = [SequentialMergeBatchNorm()] if params["model"] == "cnn" else None
+        self.composite = getattr(composites, params["composite"])(canonizers=canonizers)
+        out_dim = self.model(self.x[:1]).shape[-1]
+        self.seed = torch.zeros(self.x.shape[0], out_dim)
+        self.seed[:, TARGET] = 1
+
+    def run(self):
+        with self.composite.context(self.model) as modified:
+            x = self.x.clone().requires_grad_(True)
+            (self.attr,) = torch.autograd.grad(modified(x), x, self.seed)
+
+    def output(self):
+        return self.attr
+
+
+_MLP = {"model": "mlp", "depth": 10, "composite": "EpsilonPlus"}
+_CNN = {"model": "cnn", "size": 64, "batch": 16}
+TASK = Task(
+    name="lrp_zennit",
+    title="LRP vs zennit (MLP depth 10; VGG-11-style CNN with BatchNorm merged, 64×64)",
+    env="zennit",
+    impls=[Tdhook, Zennit],
+    cases=[
+        Case("MLP EpsilonPlus w256 b100", {**_MLP, "width": 256, "batch": 100}),
+        Case("MLP EpsilonPlus w1000 b1000", {**_MLP, "width": 1000, "batch": 1000}, quick=False),
+        Case("CNN EpsilonPlusFlat b16", {**_CNN, "composite": "EpsilonPlusFlat"}),
+        Case("CNN EpsilonAlpha2Beta1Flat b16", {**_CNN, "composite": "EpsilonAlpha2Beta1Flat"}),
+    ],
+    rtol=1e-4,
+    atol=1e-7,  # relevances are ~1e-4 on the random CNN
+    targets={"zennit": 1.0},
+    timing={"warmup": 2, "min_repeats": 7, "max_repeats": 30, "budget_s": 10.0},
+)

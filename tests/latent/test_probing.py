@@ -180,19 +180,19 @@ def test_torch_estimators_learn() -> None:
     torch.manual_seed(0)
     x = torch.randn(256, 3)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
-    est = LinearEstimator(3, epochs=200, lr=5e-2, batch_size=64).fit(x, y=y)
+    est = LinearEstimator(3, epochs=150, lr=0.1, batch_size=256).fit(x, y=y)
     assert r2_score(y.numpy(), est.predict(x).numpy()) > 0.99
     with pytest.raises(ValueError, match="Output shape .* does not match target shape"):
         LinearEstimator(3, epochs=1).fit(x, y=y[:, 0])
     with pytest.raises(ValueError, match="Linear estimator expects 1 input tensor, got 2"):
         LinearEstimator(3).predict(x, x)
     cls = (x[:, 0] > 0).long()
-    est = LinearEstimator(3, num_classes=2, epochs=100, lr=5e-2).fit(x, y=cls)
+    est = LinearEstimator(3, num_classes=2, epochs=60, lr=0.1, batch_size=256).fit(x, y=cls)
     assert (est.predict(x) == cls).float().mean() > 0.95
     h2 = torch.randn(256, 2)
     target = (x[:, :1] * h2[:, :1]).detach()
     for cls_ in (BilinearEstimator, LowRankBilinearEstimator):
-        est = cls_(3, 2, epochs=150, lr=5e-2).fit(x, h2, y=target)
+        est = cls_(3, 2, epochs=200, lr=0.05, batch_size=256).fit(x, h2, y=target)
         assert r2_score(target.numpy(), est.predict(x, h2).numpy()) > 0.9
     assert LowRankBilinearEstimator(3, 2, bias=False).bias is None
 

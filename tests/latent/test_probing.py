@@ -218,3 +218,54 @@ def test_bilinear_unresolved_pair_raises() -> None:
     dispatcher.step(torch.randn(4, 2), labels=torch.randn(4, 1), step_type="fit")
     with pytest.raises(ValueError, match=r"Bilinear probes still waiting on keys: \['a', 'b'\]"):
         manager.after_all()
+
+
+def test_streaming_probe_equals_sklearn_on_concatenated_batches(model, data) -> None:
+    from tdhook.latent.stats import StreamingLinearRegression
+
+    manager = ProbeManager(StreamingLinearRegression, {}, r2)
+    probing = Probing(r"[02]$", manager.probe_factory, additional_keys=["labels", "step_type"])
+    with probing.prepare(model) as hooked:
+        for batch in data[:48].split(16):
+            batch = batch.clone()
+            batch["step_type"] = "partial_fit"
+            hooked(batch)
+        test = data[48:].clone()
+        test["step_type"] = "predict"
+        hooked(test)
+    assert manager.fit_metrics == {}
+    h = model[2](model[1](model[0](data["input"]))).detach().numpy()
+    reg = LinearRegression().fit(h[:48], data["labels"][:48].numpy())
+    expected = r2_score(data["labels"][48:].numpy(), reg.predict(h[48:]))
+    assert manager.predict_metrics["2_fwd"]["r2"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_sklearn_partial_fit_estimators_and_refusal(model, data) -> None:
+    from sklearn.linear_model import SGDRegressor
+
+    manager = ProbeManager(SGDRegressor, {"random_state": 0}, r2)
+    labels = data["labels"][:, 0]
+    with Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
+        model
+    ) as hooked:
+        for _ in range(20):
+            for batch in data.split(16):
+                batch = batch.clone()
+                batch["labels"] = batch["labels"][:, 0]  # SGDRegressor wants 1-D targets
+                batch["step_type"] = "partial_fit"
+                hooked(batch)
+        data["labels"] = labels
+        data["step_type"] = "predict"
+        hooked(data)
+    assert manager.predict_metrics["0_fwd"]["r2"] > 0.9
+    manager = ProbeManager(LinearRegression, {}, r2)
+    data["step_type"] = "partial_fit"
+    with (
+        pytest.raises(ProbingError, match="LinearRegression has no partial_fit"),
+        Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
+            model
+        ) as hooked,
+    ):
+        hooked(data)
+    with pytest.raises(ProbingError, match="has no all_reduce"):
+        manager.all_reduce()

@@ -18,6 +18,7 @@ class StepType(str, Enum):
     """What a probe does with a batch."""
 
     FIT = "fit"
+    PARTIAL_FIT = "partial_fit"
     PREDICT = "predict"
 
     @classmethod
@@ -33,7 +34,19 @@ class StepType(str, Enum):
                 if value is None
                 else ""
             )
-            raise ProbingError(f"step_type must be 'fit' or 'predict', got {value!r}.{hint}") from None
+            raise ProbingError(
+                f"step_type must be 'fit' or 'predict' (or 'partial_fit' for streaming), got {value!r}.{hint}"
+            ) from None
+
+
+def _partial_fit(estimator: Any, *xs: Any, labels: Any) -> None:
+    if not hasattr(estimator, "partial_fit"):
+        raise ProbingError(
+            f"{type(estimator).__name__} has no partial_fit, so it cannot be trained batch by batch. Use "
+            "step_type='fit', or a streaming estimator (tdhook.latent.stats.StreamingLinearRegression, "
+            "StreamingLogisticRegression, or any scikit-learn estimator with partial_fit)."
+        )
+    estimator.partial_fit(*xs, labels)
 
 
 def default_preprocess(data: Any) -> Any:
@@ -54,7 +67,7 @@ def default_preprocess(data: Any) -> Any:
 
 
 def _require_labels(labels: Any, step: StepType) -> None:
-    if labels is None and step is StepType.FIT:
+    if labels is None and step is not StepType.PREDICT:
         raise ProbingError(
             "Probe got no labels to fit on. Set td['labels'] and pass "
             'Probing(..., additional_keys=["labels", "step_type"]).'
@@ -84,12 +97,18 @@ class Probe:
         self._preprocess = data_preprocess_callback or default_preprocess
 
     def step(self, data: Any, **kwargs: Any) -> None:
-        """Fit (``step_type="fit"``) or predict (``"predict"``) on ``data``."""
+        """Fit (``step_type="fit"``), update (``"partial_fit"``) or predict (``"predict"``) on ``data``.
+
+        ``"partial_fit"`` trains a streaming estimator on one more batch and records no metric;
+        evaluate with a ``"predict"`` step afterwards.
+        """
         step = StepType.parse(kwargs.get("step_type"))
         labels = kwargs.get("labels")
         _require_labels(labels, step)
         x = self._preprocess(data)
-        if step is StepType.FIT:
+        if step is StepType.PARTIAL_FIT:
+            _partial_fit(self.estimator, x, labels=labels)
+        elif step is StepType.FIT:
             self.estimator.fit(x, y=labels)
             if self._fit_callback is not None:
                 self._fit_callback(self.estimator.predict(x), labels)
@@ -170,6 +189,23 @@ class ProbeManager:
 
     def reset_metrics(self) -> None:
         self._metrics.reset()
+
+    def all_reduce(self, group: Any = None) -> None:
+        """Sum every streaming estimator's statistics across processes (``torch.distributed``).
+
+        Call it on every rank after the ``partial_fit`` steps and before predicting, so each rank
+        holds the fit on the union of all ranks' data.
+
+        Raises:
+            ProbingError: If an estimator cannot be reduced (no ``all_reduce`` method).
+        """
+        for name, estimator in self._estimators.items():
+            if not hasattr(estimator, "all_reduce"):
+                raise ProbingError(
+                    f"Estimator {name} ({type(estimator).__name__}) has no all_reduce; use a streaming estimator "
+                    "from tdhook.latent.stats to train across processes."
+                )
+            estimator.all_reduce(group)
 
     def probe_factory(self, key: str, direction: str) -> Probe:
         """Create the probe for ``key`` at ``direction`` (its metrics go under ``f"{key}_{direction}"``)."""
@@ -262,7 +298,9 @@ class BilinearProbe:
         step = StepType.parse(step_type)
         _require_labels(labels, step)
         x1, x2 = self._preprocess(h1), self._preprocess(h2)
-        if step is StepType.FIT:
+        if step is StepType.PARTIAL_FIT:
+            _partial_fit(self.estimator, x1, x2, labels=labels)
+        elif step is StepType.FIT:
             self.estimator.fit(x1, x2, y=labels)
             if self._fit_callback is not None:
                 self._fit_callback(self.estimator.predict(x1, x2), labels)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import statistics
+import subprocess
+import sys
 import time
-import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -81,6 +83,20 @@ def _call_ours(hooked: Callable[[TensorDict], TensorDict], td: TensorDict) -> Te
     return hooked(td.clone(False))
 
 
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median time of each function, run round-robin so that load changes hit all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -116,53 +132,51 @@ def run_timings(widths: list[int], depth: int, batch: int, repeats: int) -> None
                 got = hooked(td.clone(False))["attr", "input"]
                 got = got.movedim(1, 0) if separate else got
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-                t_ours = median_time(functools.partial(_call_ours, hooked, td), repeats)
-            t_limit = median_time(functools.partial(limit, model, x, b, targets, separate), repeats)
-            t_captum = median_time(functools.partial(captum, model, x, b, targets, separate), repeats)
+                t_ours, t_limit, t_captum = interleaved_medians(
+                    [
+                        functools.partial(_call_ours, hooked, td),
+                        functools.partial(limit, model, x, b, targets, separate),
+                        functools.partial(captum, model, x, b, targets, separate),
+                    ],
+                    repeats,
+                )
             print(
                 f"{width:>6} {case:>12} {t_limit * 1e3:>9.1f} {t_captum * 1e3:>10.1f} {t_ours * 1e3:>8.1f} "
                 f"{t_ours / t_captum:>12.2f} {t_ours / t_limit:>11.2f} {t_limit / t_captum:>13.2f}"
             )
 
 
-def run_memory(width: int, depth: int, batch: int) -> None:
-    """Peak traced memory (CPU allocations through tracemalloc is not torch's; use torch's profiler-free
-    proxy: max RSS growth is noisy, so we measure the largest tensor footprint via a memory hook)."""
+def memory_one(n_steps: int, chunk: int | None, width: int, depth: int, batch: int) -> float:
+    """Peak RSS growth (MiB) of one IG call, in this (fresh) process."""
     model = mlp(depth, width)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(batch, width)
     td = TensorDict(input=x, batch_size=[batch])
     td["baseline", "input"] = torch.zeros(batch, width)
-    print(f"peak memory (MiB) vs n_steps, MLP depth {depth} width {width} batch {batch}")
+    ig = IntegratedGradients(targets=[1], n_steps=n_steps, chunk_size=chunk)
+    with ig.prepare(model) as hooked:
+        small = IntegratedGradients(targets=[1], n_steps=2)
+        with small.prepare(model) as warm:
+            warm(td.clone(False))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hooked(td.clone(False))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) / 1024
+
+
+def run_memory(width: int, depth: int, batch: int) -> None:
+    """Peak memory vs n_steps, each measurement in a fresh process (ru_maxrss growth)."""
+    print(f"peak RSS growth (MiB) of one IG call vs n_steps, MLP depth {depth} width {width} batch {batch}")
     print(f"{'n_steps':>8} {'no chunks':>10} {'chunk_size=16':>14}")
     for n_steps in (16, 64, 256):
         row = []
-        for chunk in (None, 16):
-            ig = IntegratedGradients(targets=[1], n_steps=n_steps, chunk_size=chunk)
-            with ig.prepare(model) as hooked:
-                hooked(td.clone(False))
-                tracemalloc.start()
-                peak = _peak_torch(lambda h=hooked: h(td.clone(False)))
-                tracemalloc.stop()
-            row.append(peak / 2**20)
+        for chunk in ("none", "16"):
+            cmd = [sys.executable, __file__, "--memory-one", str(n_steps), chunk]
+            cmd += ["--widths", str(width), "--depth", str(depth), "--batch", str(batch)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            row.append(float(out.strip().splitlines()[-1]))
         print(f"{n_steps:>8} {row[0]:>10.1f} {row[1]:>14.1f}")
-
-
-def _peak_torch(fn: Callable[[], object]) -> int:
-    """Peak bytes of live CPU tensors during ``fn`` (torch's CPU allocator stats via the profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)), key=lambda e: e.time_range.start
-    )
-    for event in events:
-        current += event.cpu_memory_usage
-        peak = max(peak, current)
-    return peak
 
 
 def main() -> None:
@@ -175,10 +189,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--memory-one", nargs=2, metavar=("N_STEPS", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory:
-        run_memory(256, args.depth, args.batch)
+    if args.memory_one:
+        n_steps, chunk = args.memory_one
+        size = memory_one(
+            int(n_steps), None if chunk == "none" else int(chunk), args.widths[0], args.depth, args.batch
+        )
+        print(f"{size:.1f}")
+    elif args.memory:
+        run_memory(args.widths[0], args.depth, args.batch)
     else:
         run_timings(args.widths, args.depth, args.batch, args.repeats)
 

@@ -26,6 +26,7 @@ __all__ = [
     "latent",
     "metrics",
     "modules",
+    "plotting",
     "weights",
 ]
 

@@ -35,7 +35,8 @@ class StepType(str, Enum):
                 else ""
             )
             raise ProbingError(
-                f"step_type must be 'fit' or 'predict' (or 'partial_fit' for streaming), got {value!r}.{hint}"
+                f"step_type must be 'fit' or 'predict', got {value!r} ('partial_fit' also trains a streaming "
+                f"estimator on one more batch).{hint}"
             ) from None
 
 

@@ -157,3 +157,12 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="chunk_size"):
         IntegratedGradients(chunk_size=0)
     IntegratedGradients(method="gausslegendre", n_steps=1)
+
+
+def test_memory_budget_gives_the_same_values(mlp):
+    x, b = torch.randn(4, 4), torch.zeros(4, 4)
+    full = _run(IntegratedGradients(n_steps=20), mlp, _data(x, b))["attr", "input"]
+    budget = _run(IntegratedGradients(n_steps=20, max_batch_size=10), mlp, _data(x, b))["attr", "input"]
+    torch.testing.assert_close(budget, full)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        IntegratedGradients(max_batch_size=0)

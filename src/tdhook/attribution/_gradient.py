@@ -308,6 +308,8 @@ class GradientAttribution(HookingContextFactory):
         self.targets = targets
         self.separate_targets = bool(separate_targets)
         self._chunk_size: int | None = None
+        #: At most this many rows (``N × points``) per forward pass (a memory budget), or None.
+        self._max_rows: int | None = None
         self._state = _CallState()
 
     # -- extension points (see the module docstring) -------------------------------------------
@@ -460,6 +462,8 @@ class GradientAttribution(HookingContextFactory):
         n = job.n
         n_points = self._n_points(job)
         chunk = self._chunk_size or n_points
+        if self._max_rows is not None:
+            chunk = min(chunk, max(1, self._max_rows // max(n, 1)))
         state = self._state
         acc: dict[str, torch.Tensor] = {}
         inputs_at: dict[str, torch.Tensor] = {}

@@ -238,6 +238,8 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         method: One of :data:`SUPPORTED_METHODS`.
         n_steps: Number of steps (≥ 2 for Riemann rules, ≥ 1 for Gauss-Legendre).
         chunk_size: Steps per forward/backward pass (``None``: all at once).
+        max_batch_size: A memory budget: at most this many rows (batch × steps) per forward
+            pass; the chunk shrinks to fit.
         **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
 
     Raises:
@@ -266,6 +268,7 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         method: str = "gausslegendre",
         n_steps: int = 50,
         chunk_size: int | None = None,
+        max_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, baseline_key=baseline_key, multiply_by_inputs=multiply_by_inputs, **kwargs)
@@ -282,7 +285,10 @@ class IntegratedGradients(GradientAttributionWithBaseline):
             raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         self.n_steps = n_steps
         self.compute_convergence_delta = bool(compute_convergence_delta)
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise AttributionError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}.")
         self._chunk_size = chunk_size
+        self._max_rows = max_batch_size
         step_fn, alpha_fn = approximation_parameters(self.method)
         self._step_sizes = torch.tensor(step_fn(n_steps), dtype=torch.float64)
         self._alphas = torch.tensor(alpha_fn(n_steps), dtype=torch.float64)

@@ -51,6 +51,8 @@ class GradientShap(GradientAttributionWithBaseline):
         baselines: Baseline distributions per in_key (``None``: read from the TensorDict).
         multiply_by_inputs: Multiply each sample's gradient by ``x̃ − b`` (captum's default).
         chunk_size: Samples per forward/backward pass (``None``: all).
+        max_batch_size: A memory budget: at most this many rows (batch × samples) per forward
+            pass; the chunk shrinks to fit.
         generator: A ``torch.Generator`` for reproducible draws.
         baseline_key: Root key of the per-row baselines.
         **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
@@ -64,6 +66,7 @@ class GradientShap(GradientAttributionWithBaseline):
         baselines: Mapping[NestedKey, torch.Tensor] | None = None,
         multiply_by_inputs: bool = True,
         chunk_size: int | None = None,
+        max_batch_size: int | None = None,
         generator: torch.Generator | None = None,
         baseline_key: str = KEYS.baseline,
         **kwargs: Any,
@@ -79,7 +82,10 @@ class GradientShap(GradientAttributionWithBaseline):
         self.stdevs = float(stdevs)
         self.baselines = dict(baselines) if baselines is not None else None
         self.generator = generator
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise AttributionError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}.")
         self._chunk_size = chunk_size
+        self._max_rows = max_batch_size
 
     def _draw(self, job: _Job, sizes: dict[NestedKey, int]) -> ShapDraws:
         """Draw noise, baseline indices and path positions (override to replay other draws)."""

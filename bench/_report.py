@@ -26,8 +26,38 @@ How it is measured (see `bench/_harness.py`):
   task); threads pinned to 2, float32, fixed seeds, models built in code with random init;
 - a **correctness gate** first: every peer's output must be `allclose` to ours (tolerance per
   task), or the case is reported as failed and not timed;
-- then warm-up and repeats: the median and p10/p90 wall time of one call, and the peak RSS
-  during the calls above the RSS once the model, inputs and library are loaded.
+- then warm-up and repeats: the median and p10/p90 wall time of one call, the median CPU time
+  of the process (all threads) per call, and the peak RSS during the calls above the RSS once
+  the model, inputs and library are loaded (the kernel's `VmHWM`, reset before the calls).
+
+The 1-minute load average before and after each case's timing is printed next to the case:
+this 2-core machine is shared, and with a load above 2 wall times (and ratios of them) are
+inflated by waiting for a core, and 2-thread OpenMP kernels suffer most. CPU-time ratios are then
+the more trustworthy of the two; rerun on a quiet machine for headline numbers.
+
+Run it yourself:
+
+```bash
+python -m bench.envs                       # bench/.envs/{tdhook,captum,nnsight,transformer-lens,zennit}
+python -m bench.run                        # everything (about an hour); --quick for a subset
+python -m bench.run --tasks ig_captum --cases "single w256 b100"
+python -m bench.run --report-only          # rewrite this page from bench/results/results.json
+```
+"""
+
+_PEERS = """## Peers and their environments
+
+- **captum** 0.9.0 (IG, Saliency, NoiseTunnel/SmoothGrad), torch 2.13.0 CPU.
+- **zennit**: 1.0.0 is not on the package index reachable here; the newest available, **0.5.1**,
+  is used, with torch 2.14.1 + torchvision 0.29.1 (zennit imports torchvision). Ours runs in the
+  same environment for the LRP task.
+- **nnsight** 0.8.1 (its `trace` API) with transformers 5.24, torch 2.13.0.
+- **TransformerLens** 4.3.0: `HookedTransformer` was removed in 4.0; its replacement,
+  `TransformerBridge.boot_transformers("gpt2", hf_model=<our random GPT-2>, tokenizer=<offline
+  stand-in>)`, wraps the same Hugging Face model (nothing downloaded), and `run_with_cache` is timed.
+- **raw** rows are plain PyTorch written by hand: hooks registered and removed per call, or, for
+  attribution, one forward over every step and one `torch.autograd.grad` (one batched VJP for
+  separate targets) — the floor any library pays.
 """
 
 
@@ -212,6 +242,7 @@ def write(results: Mapping[str, Any], doc: Path, plot: Path) -> None:
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     lines += [f"- generated: {datetime.date.today().isoformat()}", "", "## Environments", ""]
     lines += _envs_table(results.get("envs", {}))
+    lines += [_PEERS]
     lines += ["## Where we fall short", "", *_shortfalls(tasks), ""]
     lines += ["## Results", "", f"![ratios]({plot.name})", ""]
     for task, entries in tasks:
@@ -230,7 +261,7 @@ def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [3, 2, 2]})
     labels, values, targets = [], [], []
     for task, entries in tasks:
         for entry in entries:
@@ -254,6 +285,7 @@ def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:
     ax.set_xlabel("ours / peer (log; lower is better; black tick = target; red = above target)")
     ax.set_title("Time ratios")
     _plot_curve(axes[1], tasks)
+    _plot_memory(axes[2], tasks)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -284,3 +316,34 @@ def _plot_curve(ax: Any, tasks: list[tuple[Task, list[dict[str, Any]]]]) -> None
             ax.legend()
             return
     ax.set_axis_off()
+
+
+def _plot_memory(ax: Any, tasks: list[tuple[Task, list[dict[str, Any]]]]) -> None:
+    """IG peak RSS vs n_steps, chunked (solid) and not (single markers), if measured."""
+    series: dict[tuple[str, bool], list[tuple[int, float]]] = {}
+    for task, entries in tasks:
+        if task.name != "ig_captum":
+            continue
+        for entry in entries:
+            if not entry["case"].startswith("memory"):
+                continue
+            chunked = entry["params"].get("chunk") is not None
+            for lib in entry["libs"]:
+                rss = (lib.get("timing") or {}).get("peak_rss_mib")
+                if rss is not None:
+                    key = (_label(task, lib["name"]), chunked)
+                    series.setdefault(key, []).append((entry["params"]["n_steps"], rss))
+    if not series:
+        ax.set_axis_off()
+        return
+    for (label, chunked), points in sorted(series.items()):
+        points.sort()
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if chunked:
+            ax.plot(xs, ys, marker="o", label=f"{label}, chunk 50 steps")
+        else:
+            ax.scatter(xs, ys, marker="x", s=80, label=f"{label}, no chunking")
+    ax.set_xlabel("n_steps (batch 100, width 256)")
+    ax.set_ylabel("peak RSS above baseline (MiB)")
+    ax.set_title("IG memory vs n_steps")
+    ax.legend(fontsize=7)

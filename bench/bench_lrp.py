@@ -16,6 +16,7 @@ result is first checked with ``allclose`` against ``limit``. Usage::
 
     .venv/bin/python bench/bench_lrp.py                  # all sizes
     .venv/bin/python bench/bench_lrp.py --quick          # width 256, batch 100 only
+    .venv/bin/python bench/bench_lrp.py --cpu-time       # CPU time instead of wall time
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def limit(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 Session = Callable[[], contextlib.AbstractContextManager[Callable[[], torch.Tensor]]]
 
 
-def interleaved(sessions: dict[str, Session], repeats: int) -> dict[str, tuple[float, float]]:
+def interleaved(
+    sessions: dict[str, Session], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[float, float]]:
     """``{name: (median, min)}`` seconds of one call.
 
     Implementations alternate within each repeat, so machine load hits them alike; each opens
@@ -76,9 +79,9 @@ def interleaved(sessions: dict[str, Session], repeats: int) -> dict[str, tuple[f
     for repeat in range(repeats + 1):
         for name, session in sessions.items():
             with session() as fn:
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
             if repeat:  # the first round is the warm-up
                 times[name].append(elapsed)
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
@@ -121,7 +124,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="width 256, batch 100 only")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="CPU seconds of this process (robust to a loaded machine)"
+    )
     args = parser.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     has_zennit = importlib.util.find_spec("zennit") is not None
     sizes = [(256, 100)] if args.quick else [(256, 100), (256, 1000), (1000, 100), (1000, 1000)]
@@ -131,7 +138,7 @@ def main() -> None:
     print(
         f"load average at start: {os.getloadavg()[0]:.1f} (timings are unreliable when it exceeds the threads)"
     )
-    print("ms per call, median (min)")
+    print(f"{'CPU' if args.cpu_time else 'wall'} ms per call, median (min)")
     print(f"{'width':>6} {'batch':>6} {'limit':>16} {'tdhook':>16} {'zennit':>16} {'tdhook/zennit':>14}")
     for width, batch in sizes:
         model = mlp(width)
@@ -149,7 +156,7 @@ def main() -> None:
                 torch.testing.assert_close(
                     fn(), expected, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
                 )
-        result = interleaved(sessions, args.repeats)
+        result = interleaved(sessions, args.repeats, clock)
         cells = [
             f"{result[k][0] * 1e3:8.2f} ({result[k][1] * 1e3:6.2f})" if k in result else f"{'n/a':>16}"
             for k in ("limit", "tdhook", "zennit")

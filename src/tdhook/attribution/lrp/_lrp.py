@@ -2,8 +2,9 @@
 
 Part of :mod:`tdhook.attribution.lrp`. At every enter, LRP walks ``named_modules()`` of the
 TensorDict-level model, asks the rule mapper for each module's rule and plans, in this order:
-the canonizers' edits, one :meth:`Rule.bind` per ruled module, then the gradient engine's capture
-hooks (so targets and ``input_modules`` see the rules' outputs). The core installs the plan and
+the canonizers' edits, ``inplace=False`` on in-place activations, one :meth:`Rule.bind` per ruled
+module, then the gradient engine's capture hooks (so targets and ``input_modules`` see the rules'
+outputs). The core installs the plan and
 undoes it in reverse at exit, also after an exception; ``forward`` is never patched.
 
 The relevance flowing backwards is the "gradient" of the engine: ``(attr, k)`` is the relevance
@@ -28,7 +29,7 @@ from ..._core.hooks import Installable
 from ...errors import TdhookWarning
 from .._errors import KEYS, AttributionError
 from .._gradient import AttrCallback, GradientAttribution
-from ._canonizers import Canonizer
+from ._canonizers import Canonizer, _Assign
 from ._composites import BaseRuleMapper, RuleMapper
 from ._errors import RuleMappingError
 from ._rule import Rule
@@ -205,6 +206,13 @@ class LRP(GradientAttribution):
         plan: list[Installable] = []
         for canonizer in self.canonizers:
             plan.extend(canonizer.plan(hooked.root))
+        # In-place activations would apply their own backward to the relevance a rule hands to
+        # their (already overwritten) input; run them out of place while the context is active.
+        plan.extend(
+            _Assign(module, "inplace", False)
+            for _, module in hooked.td_module.named_modules()
+            if getattr(module, "inplace", None) is True
+        )
         plan.extend(rule.bind(module) for _, module, rule in self._rules(hooked) if rule.installs_hook)
         plan.extend(super()._plan(hooked))
         return plan

@@ -52,7 +52,9 @@ def stabilize(tensor: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
         >>> stabilize(torch.tensor([0.0, -1.0, 2.0]), 0.5)
         tensor([ 0.5000, -1.5000,  2.5000])
     """
-    return torch.where(tensor >= 0, tensor + epsilon, tensor - epsilon)
+    # = torch.where(t >= 0, t + ε, t − ε), bit for bit, in four cheap in-place passes
+    sign = (tensor >= 0).to(tensor.dtype)
+    return sign.mul_(2 * epsilon).sub_(epsilon).add_(tensor)
 
 
 class _Bypass(threading.local):
@@ -118,27 +120,37 @@ class _Call:
 
 
 class _RelevanceFunction(torch.autograd.Function):
-    """Value: a copy of the module's outputs. Backward: the rule's relevance for the inputs.
+    """Value: the module's outputs. Backward: the rule's relevance for the inputs.
 
     Arguments are ``(call, *outputs, *inputs)``; the outputs keep their graph, so rules can take
     vector-Jacobian products through the module without running it again. No gradient flows
     along the original output edges: relevance reaches the inputs only through the rule.
+
+    Rules that read the outputs get a copy as the new output (so in-place code after the module,
+    such as ``out += x``, cannot alter what they read); the others get an alias (no copy) and
+    keep only the inputs.
     """
 
     @staticmethod
     def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         ctx.call = call
-        ctx.save_for_backward(*tensors)
-        # A copy (not a view) so that in-place code after the module (``out += x``,
-        # ``ReLU(inplace=True)``) neither breaks autograd nor alters what the rule reads.
-        return tuple(t.clone() for t in tensors[: call.n_outputs])
+        n = call.n_outputs
+        if call.rule.uses_outputs:
+            ctx.save_for_backward(*tensors)
+            return tuple(t.clone() for t in tensors[:n])
+        ctx.save_for_backward(*tensors[n:])
+        return tuple(t.detach() for t in tensors[:n])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         call: _Call = ctx.call
+        n = call.n_outputs
         saved = ctx.saved_tensors
-        outputs, inputs = saved[: call.n_outputs], saved[call.n_outputs :]
+        if call.rule.uses_outputs:
+            outputs, inputs = saved[:n], saved[n:]
+        else:
+            outputs, inputs = (), saved
         with torch.enable_grad(), bypass_rules():
             result = tuple(call.rule.relevance(call.module, inputs, outputs, relevance))
         if len(result) != len(inputs):
@@ -146,9 +158,9 @@ class _RelevanceFunction(torch.autograd.Function):
                 f"{type(call.rule).__name__}.relevance returned {len(result)} value(s) for "
                 f"{len(inputs)} input(s) of {type(call.module).__name__}. Return one tensor (or None) per input."
             )
-        needs = ctx.needs_input_grad[1 + call.n_outputs :]
+        needs = ctx.needs_input_grad[1 + n :]
         grads = tuple(_detached(r) if need else None for r, need in zip(result, needs))
-        return (None, *([None] * call.n_outputs), *grads)
+        return (None, *([None] * n), *grads)
 
 
 def _detached(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -249,6 +261,9 @@ class Rule:
 
     #: False for rules that leave the module alone (IgnoreRule).
     installs_hook = True
+    #: False for rules whose ``relevance`` does not read ``outputs`` (they then get ``()``),
+    #: which saves a copy of the outputs per call.
+    uses_outputs = True
 
     def relevance(
         self,
@@ -263,7 +278,8 @@ class Rule:
             module: The module the rule is registered on.
             inputs: Its positional tensor inputs (with their graph).
             outputs: Its outputs (with their graph: ``gradient_x_input(outputs, inputs, w)``
-                computes ``x ⊙ Jᵀw`` without running the module again).
+                computes ``x ⊙ Jᵀw`` without running the module again); ``()`` for rules with
+                ``uses_outputs = False``.
             relevance: The relevance of every output.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement relevance().")

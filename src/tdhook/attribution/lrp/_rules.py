@@ -93,6 +93,8 @@ class PassRule(Rule):
             inputs and outputs differ, or an input and its output have different shapes.
     """
 
+    uses_outputs = False
+
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
         if len(inputs) != len(outputs):
             raise RuleInputError(
@@ -124,12 +126,16 @@ class IgnoreRule(Rule):
 class StopRule(Rule):
     """No relevance flows to the module's inputs."""
 
+    uses_outputs = False
+
     def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
         return [None] * len(inputs)
 
 
 class UniformRule(Rule):
     """Give each of the ``n`` inputs ``R / n`` (summed over broadcast dimensions)."""
+
+    uses_outputs = False
 
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
         if len(outputs) != 1:
@@ -202,6 +208,8 @@ class LayerNormRule(Rule):
         epsilon: Stabiliser of the denominator.
     """
 
+    uses_outputs = False
+
     def __init__(self, *, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon
 
@@ -233,6 +241,8 @@ class AHQKVRule(Rule):
     Args:
         epsilon: Stabiliser of the denominator.
     """
+
+    uses_outputs = False
 
     def __init__(self, *, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon
@@ -395,6 +405,8 @@ def _forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torch.Te
 
 class _TermRule(Rule):
     """A rule given as groups of terms (see the module docstring)."""
+
+    uses_outputs = False
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
         self.stabilizer = stabilizer

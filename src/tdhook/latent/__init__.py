@@ -3,6 +3,7 @@
 from ._caching import ActivationCaching
 from ._patching import ActivationPatching
 from ._steering import ActivationAddition, SteeringVectors
+from .dimension import LocalKnnDimensionEstimator, TwoNnDimensionEstimator
 from .probing import (
     BilinearProbe,
     BilinearProbeManager,
@@ -13,6 +14,7 @@ from .probing import (
     ProbeManager,
     Probing,
 )
+from .similarity import CkaEstimator, InformationImbalanceEstimator
 
 __all__ = [
     "ActivationAddition",
@@ -20,11 +22,15 @@ __all__ = [
     "ActivationPatching",
     "BilinearProbe",
     "BilinearProbeManager",
+    "CkaEstimator",
+    "InformationImbalanceEstimator",
     "LinearEstimator",
+    "LocalKnnDimensionEstimator",
     "LowRankBilinearEstimator",
     "MeanDifferenceClassifier",
     "Probe",
     "ProbeManager",
     "Probing",
     "SteeringVectors",
+    "TwoNnDimensionEstimator",
 ]

@@ -192,3 +192,28 @@ def test_additional_keys_must_not_clash(mlp):
 def test_tensor_call_is_refused(mlp):
     with Saliency().prepare(mlp) as hooked, pytest.raises(TypeError, match="needs a TensorDict"):
         hooked(torch.randn(2, 4))
+
+
+def test_init_attr_inputs_selects_and_is_validated():
+    """tdhook 0.1 validated the inputs instead of what init_attr_inputs returned."""
+    from tensordict.nn import TensorDictModule
+
+    class Two(nn.Module):
+        def forward(self, a, b):
+            return (a * b).sum(-1, keepdim=True)
+
+    module = TensorDictModule(Two(), in_keys=["a", "b"], out_keys=["y"])
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    pick_b = Saliency(init_attr_inputs=lambda inputs, _: inputs.select("b"))
+    with pick_b.prepare(module) as hooked:
+        td = hooked(TensorDict(a=a, b=b, batch_size=[4]))
+    torch.testing.assert_close(td["attr", "b"], a)
+    assert ("attr", "a") not in td.keys(include_nested=True)
+    bad = Saliency(init_attr_inputs=lambda inputs, _: inputs["b"])
+    with (
+        bad.prepare(module) as hooked,
+        pytest.raises(
+            AttributionError, match="init_attr_inputs function must return a TensorDict, got Tensor"
+        ),
+    ):
+        hooked(TensorDict(a=a, b=b, batch_size=[4]))

@@ -47,8 +47,8 @@ class InformationImbalanceEstimator(TensorDictModuleBase):
         >>> from tensordict import TensorDict
         >>> a = torch.randn(50, 3)
         >>> td = InformationImbalanceEstimator()(TensorDict({"data_a": a, "data_b": 2 * a}))
-        >>> float(td["information_imbalance_a_to_b"]) == 2 / 50
-        True
+        >>> round(float(td["information_imbalance_a_to_b"]), 6)  # 2 / N: neighbourhoods preserved
+        0.04
     """
 
     def __init__(

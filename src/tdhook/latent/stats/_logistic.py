@@ -77,7 +77,7 @@ class StreamingLogisticRegression:
         >>> import torch
         >>> X = torch.randn(400, 2)
         >>> y = (X[:, 0] > 0).long()
-        >>> clf = StreamingLogisticRegression(epochs=20, random_state=0)
+        >>> clf = StreamingLogisticRegression(lr=0.1, epochs=20, random_state=0)
         >>> for xb, yb in zip(X.split(100), y.split(100)):
         ...     _ = clf.partial_fit(xb, yb, classes=torch.tensor([0, 1]))
         >>> clf.score(X, y) > 0.95
@@ -307,7 +307,12 @@ class StreamingLogisticRegression:
     # ------------------------------------------------------------ state / dist
 
     def state(self) -> dict[str, Tensor]:
-        """Parameters as a dict of tensors: ``weight``, ``bias``, ``classes``, ``n_samples_seen``."""
+        """Parameters as a dict of tensors: ``weight``, ``bias``, ``classes``, ``n_samples_seen``.
+
+        Empty before the first ``partial_fit``.
+        """
+        if self._fitted is None:
+            return {}
         weight, bias, classes = self._params()
         return {
             "weight": weight.clone(),

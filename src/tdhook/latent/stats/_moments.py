@@ -64,12 +64,13 @@ class StreamingMoments:
         self._acc = None
         return self
 
-    def update(self, x: Any) -> StreamingMoments:
+    def update(self, x: Any, *, validate: bool = True) -> StreamingMoments:
         """Add a batch of samples.
 
         Args:
             x: ``(n, D)`` samples (``(n, ...)`` is flattened to ``(n, D)``; ``(n,)`` is one
                 feature). Array-likes are converted with ``torch.as_tensor``.
+            validate: Check that ``x`` is finite (skip only if the caller already did).
 
         Returns:
             ``self``, so calls chain.
@@ -78,7 +79,7 @@ class StreamingMoments:
             NonFiniteInputError: If ``x`` holds NaN or inf.
             IncompatibleInputsError: If the width differs from earlier batches.
         """
-        x = _as_matrix(x, name="x")
+        x = _as_matrix(x, name="x", validate=validate)
         if x.shape[0] == 0:
             return self
         x = x.to(self.dtype)
@@ -211,7 +212,7 @@ class StreamingMoments:
         return self
 
 
-def _as_matrix(x: Any, *, name: str) -> Tensor:
+def _as_matrix(x: Any, *, name: str, validate: bool = True) -> Tensor:
     """Return ``x`` as a float ``(n, D)`` tensor (flattening trailing dims), checking it is finite."""
     x = as_float(as_tensor(x, name=name))
     if x.ndim == 0:
@@ -219,5 +220,6 @@ def _as_matrix(x: Any, *, name: str) -> Tensor:
             f"{name} must have a sample dimension, shape (n, D); got a scalar. Pass x.reshape(1, -1)."
         )
     x = x.reshape(x.shape[0], -1) if x.ndim != 1 else x.unsqueeze(1)
-    check_finite(x, name=name)
+    if validate:
+        check_finite(x, name=name)
     return x

@@ -103,7 +103,8 @@ class StreamingLinearRegression:
                 f"must have the same widths. Call reset() (or fit()) to start over."
             )
         if x2.shape[0]:
-            self._moments.update(torch.cat([x2.to(torch.float64), y2.to(x2.device, torch.float64)], dim=1))
+            joint = torch.cat([x2, y2.to(x2.device, x2.dtype)], dim=1)
+            self._moments.update(joint, validate=False)  # X and y were checked above
             self._solution = None
         return self
 

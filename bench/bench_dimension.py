@@ -1,0 +1,280 @@
+"""Representation-analysis benchmarks: chunked TwoNN vs dense cdist, streaming ridge probes vs sklearn.
+
+Every measurement runs in its own subprocess (``--child ...``), so peak RSS
+(``resource.getrusage(...).ru_maxrss``) belongs to that one computation; the table reports the
+peak above the RSS measured after the data were created.
+
+1. TwoNN intrinsic dimension on ``N × 128`` points (a 10-dimensional manifold): tdhook's
+   chunked exact kNN (``O(N·k)`` memory) against the dense reference written below (full
+   ``torch.cdist``, mask, full row sort: what tdhook 0.1 did). The dense run is given an
+   address-space cap (``--dense-cap-gb``) so that a size it cannot hold fails fast instead of
+   pushing a shared machine into the OOM killer.
+2. Linear probes on every layer of a 12-layer MLP (width 256): tdhook's
+   ``StreamingLinearRegression`` fed batch by batch (no activation kept) against scikit-learn's
+   ``LinearRegression`` on the concatenated activations; both report held-out R² per layer.
+
+Usage::
+
+    .venv/bin/python bench/bench_dimension.py                  # both parts, default sizes
+    .venv/bin/python bench/bench_dimension.py --twonn-sizes 10000 50000 --probe-samples 20000
+    .venv/bin/python bench/bench_dimension.py --twonn-sizes 100000 --twonn-dim 256 --skip-probes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENT_DIM = 10
+PROBE_DEPTH = 12
+PROBE_WIDTH = 256
+PROBE_INPUT = 64
+PROBE_TARGETS = 4
+PROBE_BATCH = 2048
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def manifold_points(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """``n`` points of a smooth ``LATENT_DIM``-dimensional manifold in ``dim`` dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, LATENT_DIM, generator=g)
+    w1 = torch.randn(LATENT_DIM, dim, generator=g) / math.sqrt(LATENT_DIM)
+    w2 = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
+    return torch.tanh(z @ w1) @ w2
+
+
+def probe_model() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(PROBE_INPUT, PROBE_WIDTH)]
+    layers += [torch.nn.Linear(PROBE_WIDTH, PROBE_WIDTH) for _ in range(PROBE_DEPTH - 1)]
+    return torch.nn.ModuleList(layers).eval()
+
+
+def probe_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, PROBE_INPUT, generator=g)
+    fixed = torch.Generator().manual_seed(99)
+    lin = torch.randn(PROBE_INPUT, PROBE_TARGETS, generator=fixed) / math.sqrt(PROBE_INPUT)
+    freq = torch.randn(PROBE_INPUT, PROBE_TARGETS, generator=fixed) / math.sqrt(PROBE_INPUT)
+    y = x @ lin + 0.5 * torch.sin(2.0 * x @ freq) + 0.1 * torch.randn(n, PROBE_TARGETS, generator=g)
+    return x, y
+
+
+@torch.no_grad()
+def activations(model: torch.nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """The ReLU output of every layer."""
+    out = []
+    for layer in model:
+        x = torch.relu(layer(x))
+        out.append(x)
+    return out
+
+
+# ------------------------------------------------------------------------ dense TwoNN
+
+
+def dense_two_nn(x: torch.Tensor, eps: float = 1e-5) -> float:
+    """Reference TwoNN: full N × N cdist, duplicates and self masked, full row sort."""
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(math.inf)
+    d.masked_fill_(d <= eps, math.inf)
+    d = d.sort(dim=1).values[:, :2].double()
+    mu = d[:, 1] / d[:, 0]
+    mu = mu[torch.isfinite(mu)].sort().values
+    n = mu.numel()
+    xs = torch.log(mu[:-1])
+    ys = -torch.log1p(-torch.arange(1, n, dtype=torch.float64) / n)
+    return float((xs * ys).sum() / (xs * xs).sum())
+
+
+# ------------------------------------------------------------------------- children
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_twonn(impl: str, n: int, dim: int, cap_gb: float) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    x = manifold_points(n, dim)
+    if impl == "dense" and cap_gb > 0:
+        limit = int(cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    base = _rss_mb()
+    start = time.perf_counter()
+    try:
+        if impl == "dense":
+            value = dense_two_nn(x)
+        else:
+            from tensordict import TensorDict
+
+            from tdhook.latent.dimension import TwoNnDimensionEstimator
+
+            value = float(TwoNnDimensionEstimator()(TensorDict({"data": x}))["dimension"])
+    except (RuntimeError, MemoryError) as err:
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+    return {"seconds": time.perf_counter() - start, "peak_mb": _rss_mb() - base, "dimension": value}
+
+
+def child_probe(impl: str, n_train: int, n_test: int) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    model = probe_model()
+    x_train, y_train = probe_data(n_train, seed=1)
+    x_test, y_test = probe_data(n_test, seed=2)
+    test_acts = activations(model, x_test)
+    base = _rss_mb()
+    fit_seconds = 0.0
+    start = time.perf_counter()
+    if impl == "tdhook":
+        from tdhook.latent.stats import StreamingLinearRegression
+
+        probes = [StreamingLinearRegression() for _ in range(PROBE_DEPTH)]
+        for xb, yb in zip(x_train.split(PROBE_BATCH), y_train.split(PROBE_BATCH)):
+            acts = activations(model, xb)
+            t = time.perf_counter()
+            for probe, act in zip(probes, acts):
+                probe.partial_fit(act, yb)
+            fit_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        r2 = [probe.score(act, y_test) for probe, act in zip(probes, test_acts)]
+        fit_seconds += time.perf_counter() - t
+    else:
+        from sklearn.linear_model import LinearRegression
+
+        dtype = torch.float64 if impl == "sklearn64" else torch.float32
+        chunks: list[list[torch.Tensor]] = [[] for _ in range(PROBE_DEPTH)]
+        for xb in x_train.split(PROBE_BATCH):
+            for store, act in zip(chunks, activations(model, xb)):
+                store.append(act)
+        t = time.perf_counter()
+        r2 = []
+        y_np = y_train.to(dtype).numpy()
+        for store, act in zip(chunks, test_acts):
+            reg = LinearRegression().fit(torch.cat(store).to(dtype).numpy(), y_np)
+            r2.append(float(reg.score(act.to(dtype).numpy(), y_test.to(dtype).numpy())))
+        fit_seconds = time.perf_counter() - t
+    return {
+        "seconds": time.perf_counter() - start,
+        "fit_seconds": fit_seconds,
+        "peak_mb": _rss_mb() - base,
+        "r2": r2,
+    }
+
+
+def run_child(*args: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def bench_twonn(sizes: list[int], dim: int, cap_gb: float, skip_dense_above: int) -> list[str]:
+    rows = [
+        f"### TwoNN on N × {dim} points (10-dimensional manifold), 2 CPU threads",
+        "",
+        "| N | tdhook chunked (s) | peak RSS (MB) | dense cdist (s) | peak RSS (MB) | speed-up | estimate (chunked / dense) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        ours = run_child("twonn", "chunked", str(n), str(dim), str(cap_gb))
+        need_gb = 16 * n * n / 2**30  # cdist + sorted values (float32) + indices (int64)
+        if n > skip_dense_above:
+            dense: dict[str, Any] = {"error": f"not run: needs ≈{need_gb:.0f} GB (> cap {cap_gb:g} GB)"}
+        else:
+            dense = run_child("twonn", "dense", str(n), str(dim), str(cap_gb))
+        speedup = dense["seconds"] / ours["seconds"] if "seconds" in dense and "seconds" in ours else None
+        dense_time = _fmt(dense.get("seconds"), ".2f") if "seconds" in dense else dense["error"]
+        rows.append(
+            f"| {n:,} | {_fmt(ours.get('seconds'), '.2f')} | {_fmt(ours.get('peak_mb'), '.0f')} | {dense_time} | "
+            f"{_fmt(dense.get('peak_mb'), '.0f')} | {_fmt(speedup, '.1f')}{'×' if speedup else ''} | "
+            f"{_fmt(ours.get('dimension'), '.3f')} / {_fmt(dense.get('dimension'), '.3f')} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_probes(n_train: int, n_test: int) -> list[str]:
+    results = {impl: run_child("probe", impl, str(n_train), str(n_test)) for impl in PROBE_IMPLS}
+    for name, res in results.items():
+        if "error" in res:
+            return [f"probe benchmark failed ({name}): {res['error']}"]
+    ours = results["tdhook"]
+    rows = [
+        f"### Linear probes on all {PROBE_DEPTH} layers of an MLP (width {PROBE_WIDTH}), "
+        f"{n_train:,} train / {n_test:,} test samples, batches of {PROBE_BATCH}, 2 CPU threads",
+        "",
+        "| implementation | probe fit + score (s) | end to end incl. forwards (s) | peak RSS above set-up (MB) "
+        "| speed-up (fit + score) | max \\|ΔR²\\| vs tdhook |",
+        "|---|---|---|---|---|---|",
+    ]
+    for impl, label in PROBE_IMPLS.items():
+        res = results[impl]
+        diff = max(abs(a - b) for a, b in zip(ours["r2"], res["r2"]))
+        rows.append(
+            f"| {label} | {res['fit_seconds']:.2f} | {res['seconds']:.2f} | {res['peak_mb']:.0f} | "
+            f"{res['fit_seconds'] / ours['fit_seconds']:.1f}× | {diff:.1e} |"
+        )
+    rows += ["", f"Held-out R² per layer (tdhook): {', '.join(f'{r:.3f}' for r in ours['r2'])}."]
+    return rows
+
+
+PROBE_IMPLS = {
+    "tdhook": "tdhook `StreamingLinearRegression`, streamed (float64 statistics)",
+    "sklearn64": "sklearn `LinearRegression`, concatenated float64 activations",
+    "sklearn32": "sklearn `LinearRegression`, concatenated float32 activations",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--twonn-sizes", type=int, nargs="+", default=[5000, 10000, 20000, 50000])
+    parser.add_argument("--twonn-dim", type=int, default=128)
+    parser.add_argument("--dense-cap-gb", type=float, default=8.0, help="address-space cap of the dense run")
+    parser.add_argument("--probe-samples", type=int, default=20000)
+    parser.add_argument("--probe-test", type=int, default=5000)
+    parser.add_argument("--skip-twonn", action="store_true")
+    parser.add_argument("--skip-probes", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, impl, *rest = args.child
+        if kind == "twonn":
+            out = child_twonn(impl, int(rest[0]), int(rest[1]), float(rest[2]))
+        else:
+            out = child_probe(impl, int(rest[0]), int(rest[1]))
+        print(json.dumps(out))
+        return
+    lines: list[str] = [f"torch {torch.__version__}, {torch.get_num_threads()} threads", ""]
+    if not args.skip_twonn:
+        # dense needs ~16·N² bytes; sizes beyond the cap are reported, not attempted
+        max_dense = int(math.sqrt(args.dense_cap_gb * 2**30 / 16 * 0.9))
+        lines += [*bench_twonn(args.twonn_sizes, args.twonn_dim, args.dense_cap_gb, max_dense), ""]
+    if not args.skip_probes:
+        lines += bench_probes(args.probe_samples, args.probe_test)
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

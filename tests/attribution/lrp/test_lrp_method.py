@@ -376,3 +376,20 @@ def test_compat_import_paths():
     assert layers.Sum is Sum
     for name in ("AHQKVRule", "ParamModifier", "RemovableRuleHandle", "raise_for_unconserved_rel_factory"):
         assert hasattr(rules, name)
+
+
+def test_tensordict_sequential_models():
+    from tensordict.nn import TensorDictSequential
+
+    torch.manual_seed(0)
+    seq = TensorDictSequential(
+        TensorDictModule(nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU()), ["x"], ["h"]),
+        TensorDictModule(nn.Linear(4, 2, bias=False), ["h"], ["y"]),
+    )
+    x = torch.randn(5, 3)
+    options = [getattr(m, "inplace", None) for m in seq.modules()]
+    lrp = LRP(rule_mapper=EpsilonPlus(epsilon=1e-9), init_relevance="outputs")
+    with lrp.prepare(seq, out_keys=["y"]) as hooked:
+        assert [getattr(m, "inplace", None) for m in seq.modules()] == options  # tensordict's option
+        td = hooked(TensorDict(x=x, batch_size=[5]))
+    torch.testing.assert_close(td["attr", "x"].sum(1), td["y"].sum(1), rtol=1e-4, atol=1e-5)

@@ -211,7 +211,7 @@ class LRP(GradientAttribution):
         plan.extend(
             _Assign(module, "inplace", False)
             for _, module in hooked.td_module.named_modules()
-            if getattr(module, "inplace", None) is True
+            if _inplace_torch_module(module)
         )
         plan.extend(rule.bind(module) for _, module, rule in self._rules(hooked) if rule.installs_hook)
         plan.extend(super()._plan(hooked))
@@ -222,6 +222,13 @@ class LRP(GradientAttribution):
         if self.init_relevance is RelevanceSeed.OUTPUTS:
             return seed * target.detach()
         return seed
+
+
+def _inplace_torch_module(module: nn.Module) -> bool:
+    """A torch activation/dropout set to run in place (not tensordict's ``inplace`` option)."""
+    return (
+        type(module).__module__.startswith("torch.nn.modules.") and getattr(module, "inplace", None) is True
+    )
 
 
 def _as_rule(value: Any, name: str, module: nn.Module) -> Rule | None:

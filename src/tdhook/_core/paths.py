@@ -116,13 +116,12 @@ def _step(obj: nn.Module, step: PathStep) -> object:
             obj = obj.module
         if isinstance(obj, (nn.Sequential, nn.ModuleList)):
             return obj[step]
-        children = list(obj.children())
-        return children[step]
+        return list(obj.children())[step]
     if isinstance(obj, nn.ModuleDict) and step in obj:
         return obj[step]
-    children = obj._modules  # nn.Module's child registry (read-only), skips the slow __getattr__ chain
-    if step in children:
-        return children[step]
+    registry = obj._modules  # nn.Module's child registry (read-only), skips the slow __getattr__ chain
+    if step in registry:
+        return registry[step]
     return getattr(obj, step)
 
 

@@ -2,7 +2,8 @@
 
 Every measurement runs in its own subprocess (``--child ...``), so peak RSS
 (``resource.getrusage(...).ru_maxrss``) belongs to that one computation; the table reports the
-peak above the RSS measured after the data were created.
+peak above the RSS measured after the data were created. Times are wall clock and process CPU
+time (both threads); on a shared, loaded machine the CPU-time ratio is the robust one.
 
 1. TwoNN intrinsic dimension on ``N × 128`` points (a 10-dimensional manifold): tdhook's
    chunked exact kNN (``O(N·k)`` memory) against the dense reference written below (full
@@ -107,67 +108,77 @@ def _rss_mb() -> float:
 
 
 def child_twonn(impl: str, n: int, dim: int, cap_gb: float) -> dict[str, Any]:
+    from tensordict import TensorDict
+
+    from tdhook.latent.dimension import TwoNnDimensionEstimator
+
     torch.set_num_threads(2)
     x = manifold_points(n, dim)
     if impl == "dense" and cap_gb > 0:
         limit = int(cap_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     base = _rss_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         if impl == "dense":
             value = dense_two_nn(x)
         else:
-            from tensordict import TensorDict
-
-            from tdhook.latent.dimension import TwoNnDimensionEstimator
-
             value = float(TwoNnDimensionEstimator()(TensorDict({"data": x}))["dimension"])
     except (RuntimeError, MemoryError) as err:
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
-    return {"seconds": time.perf_counter() - start, "peak_mb": _rss_mb() - base, "dimension": value}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "peak_mb": _rss_mb() - base,
+        "dimension": value,
+    }
 
 
 def child_probe(impl: str, n_train: int, n_test: int) -> dict[str, Any]:
+    from sklearn.linear_model import LinearRegression
+
+    from tdhook.latent.stats import StreamingLinearRegression
+
     torch.set_num_threads(2)
     model = probe_model()
     x_train, y_train = probe_data(n_train, seed=1)
     x_test, y_test = probe_data(n_test, seed=2)
     test_acts = activations(model, x_test)
     base = _rss_mb()
-    fit_seconds = 0.0
-    start = time.perf_counter()
+    fit_seconds = fit_cpu = 0.0
+    start, cpu_start = time.perf_counter(), time.process_time()
     if impl == "tdhook":
-        from tdhook.latent.stats import StreamingLinearRegression
-
         probes = [StreamingLinearRegression() for _ in range(PROBE_DEPTH)]
         for xb, yb in zip(x_train.split(PROBE_BATCH), y_train.split(PROBE_BATCH)):
             acts = activations(model, xb)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for probe, act in zip(probes, acts):
                 probe.partial_fit(act, yb)
             fit_seconds += time.perf_counter() - t
-        t = time.perf_counter()
+            fit_cpu += time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         r2 = [probe.score(act, y_test) for probe, act in zip(probes, test_acts)]
         fit_seconds += time.perf_counter() - t
+        fit_cpu += time.process_time() - c
     else:
-        from sklearn.linear_model import LinearRegression
-
         dtype = torch.float64 if impl == "sklearn64" else torch.float32
         chunks: list[list[torch.Tensor]] = [[] for _ in range(PROBE_DEPTH)]
         for xb in x_train.split(PROBE_BATCH):
             for store, act in zip(chunks, activations(model, xb)):
                 store.append(act)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         r2 = []
         y_np = y_train.to(dtype).numpy()
         for store, act in zip(chunks, test_acts):
             reg = LinearRegression().fit(torch.cat(store).to(dtype).numpy(), y_np)
             r2.append(float(reg.score(act.to(dtype).numpy(), y_test.to(dtype).numpy())))
         fit_seconds = time.perf_counter() - t
+        fit_cpu = time.process_time() - c
     return {
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
         "fit_seconds": fit_seconds,
+        "fit_cpu": fit_cpu,
         "peak_mb": _rss_mb() - base,
         "r2": r2,
     }
@@ -192,8 +203,9 @@ def bench_twonn(sizes: list[int], dim: int, cap_gb: float, skip_dense_above: int
     rows = [
         f"### TwoNN on N × {dim} points (10-dimensional manifold), 2 CPU threads",
         "",
-        "| N | tdhook chunked (s) | peak RSS (MB) | dense cdist (s) | peak RSS (MB) | speed-up | estimate (chunked / dense) |",
-        "|---|---|---|---|---|---|---|",
+        "| N | tdhook chunked: wall / CPU (s) | peak RSS (MB) | dense cdist: wall / CPU (s) | peak RSS (MB) "
+        "| speed-up (CPU) | speed-up (wall) | estimate (chunked / dense) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         ours = run_child("twonn", "chunked", str(n), str(dim), str(cap_gb))
@@ -202,11 +214,19 @@ def bench_twonn(sizes: list[int], dim: int, cap_gb: float, skip_dense_above: int
             dense: dict[str, Any] = {"error": f"not run: needs ≈{need_gb:.0f} GB (> cap {cap_gb:g} GB)"}
         else:
             dense = run_child("twonn", "dense", str(n), str(dim), str(cap_gb))
-        speedup = dense["seconds"] / ours["seconds"] if "seconds" in dense and "seconds" in ours else None
-        dense_time = _fmt(dense.get("seconds"), ".2f") if "seconds" in dense else dense["error"]
+        ok = "seconds" in dense and "seconds" in ours
+        cpu_ratio = dense["cpu_seconds"] / ours["cpu_seconds"] if ok else None
+        wall_ratio = dense["seconds"] / ours["seconds"] if ok else None
+        ours_time = (
+            f"{ours['seconds']:.2f} / {ours['cpu_seconds']:.2f}" if "seconds" in ours else ours["error"]
+        )
+        dense_time = (
+            f"{dense['seconds']:.2f} / {dense['cpu_seconds']:.2f}" if "seconds" in dense else dense["error"]
+        )
         rows.append(
-            f"| {n:,} | {_fmt(ours.get('seconds'), '.2f')} | {_fmt(ours.get('peak_mb'), '.0f')} | {dense_time} | "
-            f"{_fmt(dense.get('peak_mb'), '.0f')} | {_fmt(speedup, '.1f')}{'×' if speedup else ''} | "
+            f"| {n:,} | {ours_time} | {_fmt(ours.get('peak_mb'), '.0f')} | {dense_time} | "
+            f"{_fmt(dense.get('peak_mb'), '.0f')} | {_fmt(cpu_ratio, '.1f')}{'×' if ok else ''} | "
+            f"{_fmt(wall_ratio, '.1f')}{'×' if ok else ''} | "
             f"{_fmt(ours.get('dimension'), '.3f')} / {_fmt(dense.get('dimension'), '.3f')} |"
         )
         print(rows[-1], flush=True)
@@ -223,15 +243,16 @@ def bench_probes(n_train: int, n_test: int) -> list[str]:
         f"### Linear probes on all {PROBE_DEPTH} layers of an MLP (width {PROBE_WIDTH}), "
         f"{n_train:,} train / {n_test:,} test samples, batches of {PROBE_BATCH}, 2 CPU threads",
         "",
-        "| implementation | probe fit + score (s) | end to end incl. forwards (s) | peak RSS above set-up (MB) "
-        "| speed-up (fit + score) | max \\|ΔR²\\| vs tdhook |",
+        "| implementation | fit + score: wall / CPU (s) | end to end incl. forwards: wall / CPU (s) "
+        "| peak RSS above set-up (MB) | speed-up, fit + score (CPU / wall) | max \\|ΔR²\\| vs tdhook |",
         "|---|---|---|---|---|---|",
     ]
     for impl, label in PROBE_IMPLS.items():
         res = results[impl]
         diff = max(abs(a - b) for a, b in zip(ours["r2"], res["r2"]))
         rows.append(
-            f"| {label} | {res['fit_seconds']:.2f} | {res['seconds']:.2f} | {res['peak_mb']:.0f} | "
+            f"| {label} | {res['fit_seconds']:.2f} / {res['fit_cpu']:.2f} | {res['seconds']:.2f} / "
+            f"{res['cpu_seconds']:.2f} | {res['peak_mb']:.0f} | {res['fit_cpu'] / ours['fit_cpu']:.1f}× / "
             f"{res['fit_seconds'] / ours['fit_seconds']:.1f}× | {diff:.1e} |"
         )
     rows += ["", f"Held-out R² per layer (tdhook): {', '.join(f'{r:.3f}' for r in ours['r2'])}."]

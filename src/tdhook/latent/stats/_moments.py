@@ -7,6 +7,7 @@ can be fed one batch at a time, merged with another instance, or summed across p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -20,9 +21,12 @@ __all__ = ["StreamingMoments"]
 
 
 class _Acc(NamedTuple):
-    """The accumulators: sample count, mean ``(D,)`` and centred second moment ``(D, D)``."""
+    """The accumulators: sample count, mean ``(D,)`` and centred second moment ``(D, D)``.
 
-    n: Tensor
+    ``mean`` and ``m2`` are owned by the accumulator and updated in place.
+    """
+
+    n: float
     mean: Tensor
     m2: Tensor
 
@@ -64,13 +68,12 @@ class StreamingMoments:
         self._acc = None
         return self
 
-    def update(self, x: Any, *, validate: bool = True) -> StreamingMoments:
+    def update(self, x: Any) -> StreamingMoments:
         """Add a batch of samples.
 
         Args:
             x: ``(n, D)`` samples (``(n, ...)`` is flattened to ``(n, D)``; ``(n,)`` is one
                 feature). Array-likes are converted with ``torch.as_tensor``.
-            validate: Check that ``x`` is finite (skip only if the caller already did).
 
         Returns:
             ``self``, so calls chain.
@@ -79,15 +82,18 @@ class StreamingMoments:
             NonFiniteInputError: If ``x`` holds NaN or inf.
             IncompatibleInputsError: If the width differs from earlier batches.
         """
-        x = _as_matrix(x, name="x", validate=validate)
+        x = _as_matrix(x, name="x")
         if x.shape[0] == 0:
             return self
         x = x.to(self.dtype)
-        n = torch.tensor(float(x.shape[0]), dtype=self.dtype, device=x.device)
         mean = x.mean(0)
+        if not bool(torch.isfinite(mean).all()):  # NaN and inf reach the mean: the check is free
+            check_finite(x, name="x")
         centred = x - mean
-        m2 = centred.T @ centred
-        self._merge_parts(n, mean, m2)
+        if self._acc is None:
+            self._acc = _Acc(float(x.shape[0]), mean, centred.T @ centred)
+            return self
+        self._fold(float(x.shape[0]), mean, lambda m2: m2.addmm_(centred.T, centred))
         return self
 
     def merge(self, other: StreamingMoments) -> StreamingMoments:
@@ -97,36 +103,37 @@ class StreamingMoments:
             ``self``.
         """
         theirs = other.state()
-        if theirs:
-            self._merge_parts(theirs["count"], theirs["mean"], theirs["m2"])
+        if not theirs:
+            return self
+        if self._acc is None:
+            return self.load_state(theirs)
+        m2_b = theirs["m2"].to(self._acc.m2)
+        self._fold(float(theirs["count"]), theirs["mean"].to(self._acc.mean), lambda m2: m2.add_(m2_b))
         return self
 
-    def _merge_parts(self, n_b: Tensor, mean_b: Tensor, m2_b: Tensor) -> None:
-        n_b, mean_b, m2_b = n_b.to(self.dtype), mean_b.to(self.dtype), m2_b.to(self.dtype)
-        if self._acc is None:
-            self._acc = _Acc(n_b, mean_b, m2_b)
-            return
-        n_a, mean_a, m2_a = self._acc
-        if mean_b.shape != mean_a.shape:
+    def _fold(self, n_b: float, mean_b: Tensor, add_m2: Callable[[Tensor], object]) -> None:
+        """Chan's update, in place: ``m2 += m2_b + δδᵀ · n_a n_b / n``, ``mean += δ · n_b / n``."""
+        acc = self._acc
+        if acc is None:  # pragma: no cover - callers handle the first batch
+            raise InsufficientSamplesError("internal: _fold needs existing statistics")
+        if mean_b.shape != acc.mean.shape:
             raise IncompatibleInputsError(
                 f"StreamingMoments got a batch with {mean_b.shape[0]} features after batches with "
-                f"{mean_a.shape[0]}; every batch must have the same width. Call reset() to start over."
+                f"{acc.mean.shape[0]}; every batch must have the same width. Call reset() to start over."
             )
-        n_b, mean_b, m2_b = n_b.to(n_a.device), mean_b.to(mean_a.device), m2_b.to(m2_a.device)
-        total = n_a + n_b
-        delta = mean_b - mean_a
-        self._acc = _Acc(
-            total,
-            mean_a + delta * (n_b / total),
-            m2_a + m2_b + torch.outer(delta, delta) * (n_a * n_b / total),
-        )
+        total = acc.n + n_b
+        delta = mean_b - acc.mean
+        add_m2(acc.m2)
+        acc.m2.addr_(delta, delta, alpha=acc.n * n_b / total)
+        acc.mean.add_(delta, alpha=n_b / total)
+        self._acc = _Acc(total, acc.mean, acc.m2)
 
     # ----------------------------------------------------------------- results
 
     @property
     def count(self) -> int:
         """Number of samples seen."""
-        return 0 if self._acc is None else round(float(self._acc.n))
+        return 0 if self._acc is None else round(self._acc.n)
 
     @property
     def mean(self) -> Tensor:
@@ -172,13 +179,16 @@ class StreamingMoments:
         """The accumulators as a dict of tensors: ``count``, ``mean`` and ``m2`` (empty before any data)."""
         if self._acc is None:
             return {}
-        return {"count": self._acc.n.clone(), "mean": self._acc.mean.clone(), "m2": self._acc.m2.clone()}
+        count = torch.tensor(self._acc.n, dtype=self.dtype, device=self._acc.mean.device)
+        return {"count": count, "mean": self._acc.mean.clone(), "m2": self._acc.m2.clone()}
 
     def load_state(self, state: dict[str, Tensor]) -> StreamingMoments:
         """Replace the accumulators with those of :meth:`state` (an empty dict resets)."""
         if not state:
             return self.reset()
-        self._acc = _Acc(*(state[name].to(self.dtype).clone() for name in ("count", "mean", "m2")))
+        self._acc = _Acc(
+            float(state["count"]), state["mean"].to(self.dtype).clone(), state["m2"].to(self.dtype).clone()
+        )
         return self
 
     def all_reduce(self, group: Any = None) -> StreamingMoments:
@@ -201,25 +211,22 @@ class StreamingMoments:
         """
         require_process_group(type(self).__name__)
         mine = self._require(1, "all_reduce")
-        count = mine.n.clone()
-        weighted = mine.mean * count
+        count = torch.tensor([mine.n], dtype=self.dtype, device=mine.mean.device)
+        weighted = mine.mean * mine.n
         all_reduce_sum([count, weighted], group)
         mean = weighted / count
         delta = mine.mean - mean
-        m2 = mine.m2 + torch.outer(delta, delta) * mine.n
+        m2 = torch.addr(mine.m2, delta, delta, alpha=mine.n)
         all_reduce_sum([m2], group)
-        self._acc = _Acc(count, mean, m2)
+        self._acc = _Acc(float(count), mean, m2)
         return self
 
 
-def _as_matrix(x: Any, *, name: str, validate: bool = True) -> Tensor:
-    """Return ``x`` as a float ``(n, D)`` tensor (flattening trailing dims), checking it is finite."""
+def _as_matrix(x: Any, *, name: str) -> Tensor:
+    """Return ``x`` as a float ``(n, D)`` tensor (flattening trailing dims)."""
     x = as_float(as_tensor(x, name=name))
     if x.ndim == 0:
         raise IncompatibleInputsError(
             f"{name} must have a sample dimension, shape (n, D); got a scalar. Pass x.reshape(1, -1)."
         )
-    x = x.reshape(x.shape[0], -1) if x.ndim != 1 else x.unsqueeze(1)
-    if validate:
-        check_finite(x, name=name)
-    return x
+    return x.reshape(x.shape[0], -1) if x.ndim != 1 else x.unsqueeze(1)

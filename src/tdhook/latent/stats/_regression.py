@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...errors import NotFittedError
 from ._checks import as_float, as_tensor, check_finite
-from ._errors import IncompatibleInputsError, InvalidParameterError
+from ._errors import IncompatibleInputsError, InvalidParameterError, NonFiniteInputError
 from ._moments import StreamingMoments
 
 __all__ = ["StreamingLinearRegression"]
@@ -94,18 +94,25 @@ class StreamingLinearRegression:
             NonFiniteInputError: If ``X`` or ``y`` holds NaN or inf.
         """
         x2, y2, y_1d = self._check_xy(X, y)
-        if self._n_features is None:
-            self._n_features, self._n_targets, self._y_1d = x2.shape[1], y2.shape[1], y_1d
-        elif (x2.shape[1], y2.shape[1]) != (self._n_features, self._n_targets):
+        if self._n_features is not None and (x2.shape[1], y2.shape[1]) != (self._n_features, self._n_targets):
             raise IncompatibleInputsError(
                 f"StreamingLinearRegression was fitted with {self._n_features} feature(s) and "
                 f"{self._n_targets} target(s), got a batch with {x2.shape[1]} and {y2.shape[1]}; every batch "
                 f"must have the same widths. Call reset() (or fit()) to start over."
             )
         if x2.shape[0]:
-            joint = torch.cat([x2, y2.to(x2.device, x2.dtype)], dim=1)
-            self._moments.update(joint, validate=False)  # X and y were checked above
+            joint = torch.empty(x2.shape[0], x2.shape[1] + y2.shape[1], dtype=torch.float64, device=x2.device)
+            joint[:, : x2.shape[1]] = x2  # one converting copy per block, no float32 concatenation
+            joint[:, x2.shape[1] :] = y2
+            try:
+                self._moments.update(joint)
+            except NonFiniteInputError:
+                check_finite(x2, name="X")  # name the culprit
+                check_finite(y2, name="y")
+                raise
             self._solution = None
+        if self._n_features is None:
+            self._n_features, self._n_targets, self._y_1d = x2.shape[1], y2.shape[1], y_1d
         return self
 
     def fit(self, X: Any, y: Any) -> StreamingLinearRegression:
@@ -126,8 +133,6 @@ class StreamingLinearRegression:
             raise IncompatibleInputsError(
                 f"X and y must have the same number of samples, got {x.shape[0]} and {t.shape[0]}."
             )
-        check_finite(x, name="X")
-        check_finite(t, name="y")
         return x.reshape(x.shape[0], -1), t.reshape(t.shape[0], -1), t.ndim == 1
 
     # ------------------------------------------------------------------ solving
@@ -149,7 +154,8 @@ class StreamingLinearRegression:
             coef = torch.linalg.solve(a, b)
         else:
             # minimum-norm solution of the normal equations: pinv(XᵀX) Xᵀy == pinv(X) y
-            driver = "gelsd" if a.device.type == "cpu" else None
+            # (gelsy: complete orthogonal factorisation, rank-revealing and faster than SVD)
+            driver = "gelsy" if a.device.type == "cpu" else None
             coef = torch.linalg.lstsq(a, b, driver=driver).solution
         intercept = mean[d:] - mean[:d] @ coef if self.fit_intercept else torch.zeros_like(mean[d:])
         self._solution = (coef, intercept)
@@ -213,6 +219,7 @@ class StreamingLinearRegression:
         a constant target scores 1 when predicted exactly and 0 otherwise.
         """
         x2, y2, _ = self._check_xy(X, y)
+        check_finite(y2, name="y")
         pred = self.predict(x2).reshape(y2.shape[0], -1).to(torch.float64)
         truth = y2.to(pred.device, torch.float64)
         return r2_score(truth, pred)

@@ -284,6 +284,18 @@ def test_knn_matches_dense_sort(p, eps):
     torch.testing.assert_close(got.distances, dist[:, :6].float())
 
 
+def test_knn_breaks_exact_ties_by_lower_index():
+    lattice = torch.stack(torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij"), -1).reshape(
+        -1, 2
+    )
+    lattice = lattice[torch.randperm(144, generator=_gen(8))]  # every point has 4 neighbours at distance 1
+    d = torch.cdist(lattice.double(), lattice.double())
+    d.fill_diagonal_(math.inf)
+    _, idx = d.sort(dim=1, stable=True)
+    for chunk in (None, 13):
+        assert torch.equal(knn(lattice, 6, chunk_size=chunk).indices, idx[:, :6])
+
+
 def test_knn_duplicates_crowding_candidates_fall_back_to_exact_search():
     # every point has 29 exact copies: more than the candidate margin
     x = torch.randn(20, 3, generator=_gen(5)).repeat(30, 1)

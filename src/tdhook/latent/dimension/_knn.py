@@ -197,11 +197,17 @@ def _knn_one(
 
 
 def _sorted_by_distance(dist: Tensor, idx: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
-    """Mask duplicates, then sort each row by ``(distance, index)``; ``idx`` must be ascending."""
+    """Mask duplicates, then sort each row by ``(distance, index)``."""
     if eps is not None:
         dist = dist.masked_fill(dist <= eps, math.inf)
     dist, order = dist.sort(dim=1, stable=True)
     idx = idx.gather(1, order)
+    tied = ((dist[:, 1:] == dist[:, :-1]) & torch.isfinite(dist[:, 1:])).any(dim=1)
+    if bool(tied.any()):  # exact ties (lattices, symmetric data): order them by index
+        rows = tied.nonzero().squeeze(1)
+        sub_idx, perm = idx[rows].sort(dim=1)
+        sub_dist, order = dist[rows].gather(1, perm).sort(dim=1, stable=True)
+        dist[rows], idx[rows] = sub_dist, sub_idx.gather(1, order)
     return dist, idx.masked_fill(~torch.isfinite(dist), -1)
 
 
@@ -209,7 +215,6 @@ def _refine(
     exact: Tensor, rows: Tensor, cand: Tensor, *, eps: float | None, p: float
 ) -> tuple[Tensor, Tensor]:
     """Exact float64 distances to the candidates, sorted by ``(distance, index)``."""
-    cand, _ = cand.sort(dim=1)
     diff = exact[cand] - exact[rows].unsqueeze(1)
     dist = torch.linalg.vector_norm(diff, ord=p, dim=-1)
     return _sorted_by_distance(dist, cand, eps)

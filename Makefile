@@ -3,7 +3,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-FRAMES ?= 20000
+FRAMES ?=
 
 .PHONY: venv demo test lint typecheck unit seed bench clean
 
@@ -16,8 +16,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed
 
-demo: venv  ## train the seed's PPO agent and probe every layer, before and after training
-	$(BIN)/python examples/ppo_train_and_probe.py --frames $(FRAMES)
+demo: venv  ## train the seed's PPO agent (default 60k frames; FRAMES=... to change) and probe every layer
+	$(BIN)/python examples/ppo_train_and_probe.py $(if $(FRAMES),--frames $(FRAMES))
 
 lint: venv
 	$(BIN)/ruff check .

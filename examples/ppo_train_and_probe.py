@@ -158,10 +158,9 @@ def collect(env: EnvBase, agent: Agent, frames: int, device: torch.device) -> Te
 def probe(agent: Agent, batch: TensorDictBase, generator: torch.Generator) -> dict[str, dict[str, float]]:
     """Probe every actor and critic layer for the action, with the seed's protocol.
 
-    The probes see the raw float32 activations (the seed's default preprocessing). Saturated tanh
-    layers of a trained network are badly conditioned, and scikit-learn then solves the least squares
-    in float32: a negative *training* R² there (impossible for exact least squares with an intercept)
-    is numerical error, not a property of the layer.
+    Activations are flattened as in the seed, then cast to float64: saturated tanh layers of a
+    trained network are badly conditioned, and scikit-learn solving the least squares in float32
+    produced impossible negative *training* R² (e.g. -1.5 on the critic's last hidden layer).
 
     Returns:
         ``{"fit": {layer: r2}, "predict": {layer: r2}}`` keyed by the produced metric names
@@ -170,7 +169,12 @@ def probe(agent: Agent, batch: TensorDictBase, generator: torch.Generator) -> di
     indices = torch.randperm(batch.numel(), generator=generator)
     split = int(TRAIN_FRACTION * batch.numel())
     train_batch, test_batch = batch[indices[:split]], batch[indices[split:]]
-    manager = ProbeManager(LinearRegression, {}, lambda preds, labels: {"r2": r2_score(labels, preds)})
+    manager = ProbeManager(
+        LinearRegression,
+        {},
+        lambda preds, labels: {"r2": r2_score(labels, preds)},
+        data_preprocess_callback=lambda data: data.detach().flatten(1).double(),
+    )
     with (
         torch.no_grad(),
         Probing(

@@ -137,7 +137,10 @@ class CaptumWrapper(Impl):
 
 
 class Raw(Impl):
-    """The raw-autograd limit: one forward over every step, one ``autograd.grad`` (batched VJP if K)."""
+    """The raw-autograd limit: one forward over every step, one ``autograd.grad`` (batched VJP if K).
+
+    With ``chunk``, one forward and one backward per chunk of steps (the same memory budget).
+    """
 
     name = "raw"
     label = "raw autograd (the limit)"
@@ -150,6 +153,7 @@ class Raw(Impl):
         self.weights = torch.tensor(0.5 * weights, dtype=torch.float32)
         self.targets = target_list(params)
         self.separate = params["mode"] == "separate"
+        self.chunk = params.get("chunk")
         k = len(self.targets)
         b = self.x.shape[0]
         if self.separate:  # one-hot seeds (K, n*B, out)
@@ -161,15 +165,23 @@ class Raw(Impl):
     def run(self):
         x = self.x
         n, b = len(self.alphas), x.shape[0]
-        points = (self.alphas.view(n, 1, 1) * x).reshape(n * b, -1).requires_grad_(True)
-        out = self.model(points)
-        if self.separate:
-            (grad,) = torch.autograd.grad(out, points, self.seeds, is_grads_batched=True)
-            grad = grad.view(len(self.targets), n, b, -1)
-            self.attr = (torch.einsum("n,knbf->bkf", self.weights, grad) * x.unsqueeze(1)).contiguous()
-        else:
-            (grad,) = torch.autograd.grad(out[:, self.targets].sum(), points)
-            self.attr = torch.einsum("n,nbf->bf", self.weights, grad.view(n, b, -1)) * x
+        step = self.chunk or n
+        attr = None
+        for start in range(0, n, step):  # one chunk of steps per forward/backward, like the others
+            alphas, weights = self.alphas[start : start + step], self.weights[start : start + step]
+            c = len(alphas)
+            points = (alphas.view(c, 1, 1) * x).reshape(c * b, -1).requires_grad_(True)
+            out = self.model(points)
+            if self.separate:
+                seeds = self.seeds[:, : c * b]
+                (grad,) = torch.autograd.grad(out, points, seeds, is_grads_batched=True)
+                part = torch.einsum("n,knbf->bkf", weights, grad.view(len(self.targets), c, b, -1))
+            else:
+                (grad,) = torch.autograd.grad(out[:, self.targets].sum(), points)
+                part = torch.einsum("n,nbf->bf", weights, grad.view(c, b, -1))
+            attr = part if attr is None else attr + part
+        assert attr is not None
+        self.attr = attr * (x.unsqueeze(1) if self.separate else x)
 
     def output(self):
         return self.attr

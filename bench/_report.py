@@ -134,6 +134,8 @@ def _task_table(task: Task, entries: list[dict[str, Any]]) -> list[str]:
             name = lib["name"]
             label = _label(task, name) + (" (ours)" if name == task.ours else "")
             med = _median(lib)
+            if lib["status"] == "skipped":  # not part of this case (e.g. a summed-only variant)
+                continue
             if lib["status"] != "ok" or med is None:
                 why = lib["reason"] or lib["gate"]
                 lines.append(f"| {ccell} | {label} | {lib['status']}: {why} | | | | | |")
@@ -252,6 +254,9 @@ calls; no fresh process per library, so it complements the tables, it does not r
 | LRP EpsilonPlusFlat, CNN b16 | 520 ms | zennit 703 ms | 0.74 | — | ≤ 1.0 ✓ |
 | intervention, k = 5 | 1.84 ms | nnsight 1.68 ms | 1.09 | 1.28 | ≤ 0.8 ✗ |
 | intervention, k = 50 | 2.92 ms | nnsight 2.35 ms | 1.24 | 1.51 | ≤ 0.8 ✗ |
+| caching GPT-2, 12 blocks, (1, 64) | 203.1 ms | raw 199.6 ms; nnsight 199.9 ms | 1.02 vs nnsight | 1.02 | ≤ 1.05 vs raw ✓, ≤ 0.8 vs nnsight ✗ |
+| caching GPT-2, every submodule, (1, 64) | 207.2 ms | raw 206.7 ms; nnsight 205.4 ms | 1.01 vs nnsight | 1.00 | ≤ 1.05 ✓, ≤ 0.8 ✗ |
+| caching GPT-2, 12 blocks, (1, 64), TransformerLens env | 203.3 ms | raw 201.4 ms; TransformerLens 208.5 ms | 0.97 vs TL | 1.01 | ≤ 1.05 vs raw ✓ |
 | hook overhead, 0 / 1 / 12 saves (µs above the forward) | +10 / +28 / +165 | raw +4 / +8 / +42; nnsight +73 / +80 / +189 | 2.7 / 3.4 / 3.9 vs raw | | ≤ 2 vs raw ✗ |
 
 - **IG vs captum.** Ours is at the raw-autograd limit (1.02–1.06): one forward over all steps
@@ -272,9 +277,12 @@ calls; no fresh process per library, so it complements the tables, it does not r
   `__slots__` class instead of a frozen dataclass for the hook values, and a plain-dict store
   copied into the TensorDict once at the end of the run. The intervention task pays the same
   per-hook cost k + 3 times per call.
-- **Caching.** `ActivationCaching` entered per call re-selects modules by regex over
-  `named_modules()` and builds a new `HookedModule` at every enter (≈ 150 µs on the 23-module
-  MLP): invisible on GPT-2 (a forward is tens of ms) but it is the floor of the per-call cost.
+- **Caching.** Ours is within 2 % of raw hooks on GPT-2 (target ≤ 1.05 ✓). The ≤ 0.8 target vs
+  nnsight cannot be met by any hook-based library here: nnsight 0.8's own overhead is under 1 %
+  of a GPT-2-small forward (≈ 200 ms on one thread), so 0.8 would need a forward 20 % faster than
+  the raw one. `ActivationCaching` entered per call re-selects modules by regex over
+  `named_modules()` and builds a new `HookedModule` at every enter: ≈ 90 µs (1 module) to
+  190 µs (12 modules) above the forward on the small MLP of the hook-overhead task.
 """
 
 
@@ -314,12 +322,14 @@ def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [3, 2, 2]})
-    labels, values, targets = [], [], []
+    labels, values, cpus, targets = [], [], [], []
     for task, entries in tasks:
         for entry in entries:
+            cpu = ratios(task, entry, "cpu_median_s")
             for peer, ratio in ratios(task, entry).items():
                 labels.append(f"{task.name} {entry['case']} / {_label(task, peer)}")
                 values.append(ratio)
+                cpus.append(cpu.get(peer))
                 targets.append(task.target(entry["case"], peer))
     ax = axes[0]
     if values:
@@ -329,12 +339,17 @@ def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:
         for y, t in zip(ys, targets):
             if t is not None:
                 ax.plot([t, t], [y - 0.4, y + 0.4], color="black", lw=2)
+        cy = [y for y, c in zip(ys, cpus) if c is not None]
+        ax.scatter(
+            [c for c in cpus if c is not None], cy, color="orange", zorder=3, s=14, label="CPU-time ratio"
+        )
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_yticks(list(ys))
         ax.set_yticklabels(labels, fontsize=6)
         ax.invert_yaxis()
         ax.axvline(1.0, color="grey", ls=":")
         ax.set_xscale("log")
-    ax.set_xlabel("ours / peer (log; lower is better; black tick = target; red = above target)")
+    ax.set_xlabel("ours / peer, wall time (log; lower is better; black tick = target; red = above it)")
     ax.set_title("Time ratios")
     _plot_curve(axes[1], tasks)
     _plot_memory(axes[2], tasks)

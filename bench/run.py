@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for case in task.cases:
                 if args.cases and case.id not in args.cases:
                     continue
-                if args.quick and not case.quick:
+                if args.quick and not case.quick and not args.cases:  # named cases always run
                     continue
                 start = time.perf_counter()
                 print(f"[{name}] {case.id}", flush=True)

@@ -148,6 +148,26 @@ def test_streaming_regression_rank_deficient_gives_minimum_norm_solution():
     torch.testing.assert_close(ours.coef_, torch.as_tensor(ref.coef_), rtol=1e-5, atol=1e-6)
 
 
+def test_streaming_regression_on_ill_conditioned_deep_relu_features():
+    """Deep random ReLU features: dead units (exact zero columns) and a huge condition number."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 64)] + [torch.nn.Linear(64, 64) for _ in range(9)]
+    x = _randn(3000, 16, seed=11, dtype=torch.float32)
+    y = torch.sin(x[:, :2]) + x[:, 2:4]
+    with torch.no_grad():
+        for layer in layers:
+            x = torch.relu(layer(x))
+    x_train, x_test, y_train, y_test = (
+        x[:2000].double(),
+        x[2000:].double(),
+        y[:2000].double(),
+        y[2000:].double(),
+    )
+    ours = _fit_stream(StreamingLinearRegression(), x_train, y_train)
+    ref = sklearn_linear.LinearRegression().fit(x_train.numpy(), y_train.numpy())
+    assert ours.score(x_test, y_test) == pytest.approx(ref.score(x_test.numpy(), y_test.numpy()), abs=1e-6)
+
+
 def test_streaming_regression_errors():
     with pytest.raises(NotFittedError, match="not fitted yet; call partial_fit") as info:
         StreamingLinearRegression().predict(_randn(3, 2))

@@ -153,10 +153,10 @@ class StreamingLinearRegression:
             a = a + self.alpha * torch.eye(d, dtype=a.dtype, device=a.device)
             coef = torch.linalg.solve(a, b)
         else:
-            # minimum-norm solution of the normal equations: pinv(XᵀX) Xᵀy == pinv(X) y
-            # (gelsy: complete orthogonal factorisation, rank-revealing and faster than SVD)
-            driver = "gelsy" if a.device.type == "cpu" else None
-            coef = torch.linalg.lstsq(a, b, driver=driver).solution
+            # minimum-norm solution of the normal equations: pinv(XᵀX) Xᵀy == pinv(X) y. The SVD
+            # driver (CPU only; the matrix is small) keeps ill-conditioned directions as
+            # scikit-learn does, where gelsy truncates them and CUDA's gels needs full rank.
+            coef = torch.linalg.lstsq(a.cpu(), b.cpu(), driver="gelsd").solution.to(a.device)
         intercept = mean[d:] - mean[:d] @ coef if self.fit_intercept else torch.zeros_like(mean[d:])
         self._solution = (coef, intercept)
         return self._solution

@@ -45,7 +45,7 @@ def _parse_criterion(value: PcaCriterion | str) -> PcaCriterion:
         raise InvalidParameterError(f"Unknown criterion: {value!r}; expected one of {valid}.") from None
 
 
-def _spectra(x: Tensor, idx: Tensor, *, include_self: bool, chunk_rows: int | None) -> Tensor:
+def _spectra(x: Tensor, idx: Tensor, *, include_self: bool) -> Tensor:
     """Descending PCA eigenvalues of every point's neighbourhood, shape ``(N, min(n, D))``.
 
     Args:
@@ -53,12 +53,14 @@ def _spectra(x: Tensor, idx: Tensor, *, include_self: bool, chunk_rows: int | No
         idx: ``(N, m)`` neighbour indices (``-1`` entries are replaced by the point itself; the
             caller marks those rows invalid).
         include_self: Whether the neighbourhood contains the point itself.
-        chunk_rows: Points per batched ``eigvalsh`` (``None``: automatic).
+
+    Points are processed in chunks sized so that one chunk's neighbourhoods and matrices hold
+    about ``BLOCK_ELEMENTS / 4`` float64 values.
     """
     n_pts, dim = x.shape
     size = idx.shape[1] + int(include_self)
     width = min(size, dim)
-    chunk = chunk_rows or max(1, BLOCK_ELEMENTS // 4 // (size * dim + width * width))
+    chunk = max(1, BLOCK_ELEMENTS // 4 // (size * dim + width * width))
     out = torch.empty(n_pts, width, dtype=torch.float64, device=x.device)
     self_idx = torch.arange(n_pts, device=x.device).unsqueeze(1)
     safe = torch.where(idx >= 0, idx, self_idx)
@@ -143,7 +145,7 @@ class LocalPcaDimensionEstimator(TensorDictModuleBase):
         idx = knn(x, k, eps=self.eps, chunk_size=self.chunk_size).indices
         out = torch.empty(x.shape[0], n, dtype=torch.float64, device=x.device)
         for b in range(x.shape[0]):  # datasets, not points
-            lam = _spectra(x[b].to(torch.float64), idx[b], include_self=True, chunk_rows=None)
+            lam = _spectra(x[b].to(torch.float64), idx[b], include_self=True)
             dim = self._criterion(lam)
             out[b] = torch.where(idx[b, :, -1] >= 0, dim, torch.nan)
         tensordict.set(self.out_key, out.to(x.dtype).reshape(*batch, n))
@@ -220,7 +222,7 @@ class CaPcaDimensionEstimator(TensorDictModuleBase):
         for b in range(x.shape[0]):  # datasets, not points
             dist = result.distances[b].to(torch.float64)
             radius = 0.5 * (dist[:, k - 1] + dist[:, k])
-            lam = _spectra(x[b].to(torch.float64), result.indices[b], include_self=False, chunk_rows=None)
+            lam = _spectra(x[b].to(torch.float64), result.indices[b], include_self=False)
             lam_hat = torch.zeros(n, dim, dtype=torch.float64, device=x.device)
             ok = torch.isfinite(radius) & (radius > 0)
             lam_hat[:, : lam.shape[1]] = lam / torch.where(ok, radius, 1.0).unsqueeze(1) ** 2

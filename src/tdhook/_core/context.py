@@ -252,7 +252,7 @@ class HookedModule(TensorDictModuleWrapper):
         relative: bool = True,
     ):
         """Register ``hook`` on the submodule at ``key`` and return torch's handle."""
-        direction = direction if isinstance(direction, HookDirection) else HookDirection.parse(direction)
+        direction = HookDirection.parse(direction)
         module = self.resolve(key, relative=relative)
         if isinstance(module, nn.ModuleList):
             warnings.warn(
@@ -392,9 +392,6 @@ class HookedModuleRun:
                 f"Not in context, method {name} must be called in context or directly on the module"
             )
 
-    def _hook(self, key: str, hook: Any, direction: HookDirection, prepend: bool, relative: bool) -> None:
-        self._handles.append(self._module.register_submodule_hook(key, hook, direction, prepend, relative))
-
     def get(
         self,
         key: str,
@@ -407,13 +404,9 @@ class HookedModuleRun:
     ) -> CacheProxy:
         """Cache ``key``'s value in ``run.cache`` under ``cache_key or f"{key}_{type}"``."""
         self._check("get")
-        direction = HookDirection.parse(direction)
-        check_callback(callback, direction, ("key", "direction"))
-        cache_key = cache_key or f"{key}_{direction.value_type}"
-        self._hook(
-            key, CachingHook(cache_key, self._cache, direction, callback), direction, prepend, relative
-        )
-        return CacheProxy(cache_key, self._cache)
+        handle, proxy = self._module.get(self._cache, key, cache_key, callback, direction, prepend, relative)
+        self._handles.append(handle)
+        return proxy
 
     def save(
         self,
@@ -428,11 +421,11 @@ class HookedModuleRun:
         """Like :meth:`get`, into the outer cache, under ``f"{run_name}{run_sep}{key}_{type}"``."""
         self._check("save")
         direction = HookDirection.parse(direction)
-        check_callback(callback, direction, ("key", "direction"))
         cache = self._outer_cache if self._outer_cache is not None else self._cache
         cache_key = cache_key or f"{self._name}{self._sep}{key}_{direction.value_type}"
-        self._hook(key, CachingHook(cache_key, cache, direction, callback), direction, prepend, relative)
-        return CacheProxy(cache_key, cache)
+        handle, proxy = self._module.get(cache, key, cache_key, callback, direction, prepend, relative)
+        self._handles.append(handle)
+        return proxy
 
     def set(
         self,
@@ -446,14 +439,12 @@ class HookedModuleRun:
     ) -> None:
         """Replace ``key``'s value by ``value`` (a tensor or a :class:`CacheProxy`) or a callback's."""
         self._check("set")
-        direction = HookDirection.parse(direction)
-        check_callback(callback, direction, ("value", "direction"))
-        self._hook(key, SettingHook(value, direction, callback), direction, prepend, relative)
+        self._handles.append(self._module.set(key, value, callback, direction, prepend, relative))
 
     def stop(self, key: str) -> None:
         """End the forward pass after ``key`` ran."""
         self._check("stop")
-        self._hook(key, StoppingHook(key), HookDirection.FWD, False, True)
+        self._handles.append(self._module.stop(key))
 
     def get_input(self, key: str, **kw: Any) -> CacheProxy:
         return self.get(key, direction=HookDirection.FWD_PRE, **kw)

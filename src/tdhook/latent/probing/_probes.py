@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
@@ -48,6 +49,25 @@ def _partial_fit(estimator: Any, *xs: Any, labels: Any) -> None:
             "StreamingLogisticRegression, or any scikit-learn estimator with partial_fit)."
         )
     estimator.partial_fit(*xs, labels)
+
+
+def _run_step(
+    estimator: Any,
+    step: StepType,
+    xs: tuple[Any, ...],
+    labels: Any,
+    fit_callback: Callable[[Any, Any], Any] | None,
+    predict_callback: Callable[[Any, Any], Any],
+) -> None:
+    """Fit, update or predict with ``estimator`` on ``xs`` and report to the callbacks."""
+    if step is StepType.PARTIAL_FIT:
+        _partial_fit(estimator, *xs, labels=labels)
+    elif step is StepType.FIT:
+        estimator.fit(*xs, y=labels)
+        if fit_callback is not None:
+            fit_callback(estimator.predict(*xs), labels)
+    else:
+        predict_callback(estimator.predict(*xs), labels)
 
 
 def default_preprocess(data: Any) -> Any:
@@ -106,56 +126,12 @@ class Probe:
         step = StepType.parse(kwargs.get("step_type"))
         labels = kwargs.get("labels")
         _require_labels(labels, step)
-        x = self._preprocess(data)
-        if step is StepType.PARTIAL_FIT:
-            _partial_fit(self.estimator, x, labels=labels)
-        elif step is StepType.FIT:
-            self.estimator.fit(x, y=labels)
-            if self._fit_callback is not None:
-                self._fit_callback(self.estimator.predict(x), labels)
-        else:
-            self._predict_callback(self.estimator.predict(x), labels)
+        xs = (self._preprocess(data),)
+        _run_step(self.estimator, step, xs, labels, self._fit_callback, self._predict_callback)
 
 
-class _MetricStore:
-    """fit/predict metric dictionaries with the overwrite policy of the managers."""
-
-    def __init__(self, allow_overwrite: bool, reset_hint: str) -> None:
-        self.allow_overwrite = allow_overwrite
-        self.fit: dict[str, Any] = {}
-        self.predict: dict[str, Any] = {}
-        self._hint = reset_hint
-
-    def store(self, table: dict[str, Any], key: str, value: Any) -> None:
-        if key in table and not self.allow_overwrite:
-            raise ProbingError(
-                f"Metrics for {key} already exist, call reset_metrics() or use allow_overwrite=True to "
-                f"overwrite them{self._hint}"
-            )
-        table[key] = value
-
-    def reset(self) -> None:
-        self.fit = {}
-        self.predict = {}
-
-
-class ProbeManager:
-    """Create one estimator per probed module and collect the metrics of every probe.
-
-    Args:
-        estimator_class: Estimator type, instantiated with ``estimator_kwargs`` per probe.
-        estimator_kwargs: Constructor keyword arguments.
-        compute_metrics: ``(predictions, labels) -> dict`` of metrics.
-        allow_overwrite: Allow re-creating a probe or re-storing metrics under the same key.
-        data_preprocess_callback: Passed to every :class:`Probe`.
-
-    Examples:
-        >>> from sklearn.linear_model import LinearRegression
-        >>> manager = ProbeManager(LinearRegression, {}, lambda p, y: {"n": len(p)})
-        >>> probe = manager.probe_factory("layer", "fwd")
-        >>> sorted(manager.estimators)
-        ['layer_fwd']
-    """
+class _ManagerBase:
+    """What both probe managers share: estimator creation, metric tables, reset and reduce."""
 
     def __init__(
         self,
@@ -171,7 +147,8 @@ class ProbeManager:
         self._allow_overwrite = allow_overwrite
         self._preprocess = data_preprocess_callback
         self._estimators: dict[str, Any] = {}
-        self._metrics = _MetricStore(allow_overwrite, ".")
+        self._fit_metrics: dict[str, Any] = {}
+        self._predict_metrics: dict[str, Any] = {}
 
     @property
     def estimators(self) -> dict[str, Any]:
@@ -179,17 +156,18 @@ class ProbeManager:
 
     @property
     def fit_metrics(self) -> dict[str, Any]:
-        return self._metrics.fit
+        return self._fit_metrics
 
     @property
     def predict_metrics(self) -> dict[str, Any]:
-        return self._metrics.predict
+        return self._predict_metrics
 
     def reset_estimators(self) -> None:
         self._estimators = {}
 
     def reset_metrics(self) -> None:
-        self._metrics.reset()
+        self._fit_metrics = {}
+        self._predict_metrics = {}
 
     def all_reduce(self, group: Any = None) -> None:
         """Sum every streaming estimator's statistics across processes (``torch.distributed``).
@@ -208,9 +186,7 @@ class ProbeManager:
                 )
             estimator.all_reduce(group)
 
-    def probe_factory(self, key: str, direction: str) -> Probe:
-        """Create the probe for ``key`` at ``direction`` (its metrics go under ``f"{key}_{direction}"``)."""
-        name = f"{key}_{direction}"
+    def _new_estimator(self, name: str) -> Any:
         if name in self._estimators and not self._allow_overwrite:
             raise ProbingError(
                 f"Probe {name} already exists, call reset_estimators() to reset the estimators or use "
@@ -218,25 +194,47 @@ class ProbeManager:
             )
         estimator = self._estimator_class(**self._estimator_kwargs)
         self._estimators[name] = estimator
-        return Probe(
-            estimator,
-            predict_callback=_StoreMetrics(self._metrics, StepType.PREDICT, name, self._compute_metrics),
-            fit_callback=_StoreMetrics(self._metrics, StepType.FIT, name, self._compute_metrics),
-            data_preprocess_callback=self._preprocess,
-        )
+        return estimator
+
+    def _store(self, kind: StepType, name: str, predictions: Any, labels: Any) -> None:
+        table = self._fit_metrics if kind is StepType.FIT else self._predict_metrics
+        if name in table and not self._allow_overwrite:
+            raise ProbingError(
+                f"Metrics for {name} already exist, call reset_metrics() or use allow_overwrite=True to "
+                "overwrite them."
+            )
+        table[name] = self._compute_metrics(predictions, labels)
+
+    def _callbacks(self, name: str) -> dict[str, Any]:
+        return {
+            "predict_callback": functools.partial(self._store, StepType.PREDICT, name),
+            "fit_callback": functools.partial(self._store, StepType.FIT, name),
+            "data_preprocess_callback": self._preprocess,
+        }
 
 
-class _StoreMetrics:
-    """Probe callback storing ``compute(predictions, labels)`` in the store's fit or predict table."""
+class ProbeManager(_ManagerBase):
+    """Create one estimator per probed module and collect the metrics of every probe.
 
-    __slots__ = ("compute", "kind", "name", "store")
+    Args:
+        estimator_class: Estimator type, instantiated with ``estimator_kwargs`` per probe.
+        estimator_kwargs: Constructor keyword arguments.
+        compute_metrics: ``(predictions, labels) -> dict`` of metrics.
+        allow_overwrite: Allow re-creating a probe or re-storing metrics under the same key.
+        data_preprocess_callback: Passed to every :class:`Probe`.
 
-    def __init__(self, store: _MetricStore, kind: StepType, name: str, compute: Callable[..., Any]) -> None:
-        self.store, self.kind, self.name, self.compute = store, kind, name, compute
+    Examples:
+        >>> from sklearn.linear_model import LinearRegression
+        >>> manager = ProbeManager(LinearRegression, {}, lambda p, y: {"n": len(p)})
+        >>> probe = manager.probe_factory("layer", "fwd")
+        >>> sorted(manager.estimators)
+        ['layer_fwd']
+    """
 
-    def __call__(self, predictions: Any, labels: Any) -> None:
-        table = self.store.fit if self.kind is StepType.FIT else self.store.predict
-        self.store.store(table, self.name, self.compute(predictions, labels))
+    def probe_factory(self, key: str, direction: str) -> Probe:
+        """Create the probe for ``key`` at ``direction`` (its metrics go under ``f"{key}_{direction}"``)."""
+        name = f"{key}_{direction}"
+        return Probe(self._new_estimator(name), **self._callbacks(name))
 
 
 class BilinearProbe:
@@ -298,15 +296,8 @@ class BilinearProbe:
     def _run(self, h1: Any, h2: Any, labels: Any, step_type: Any) -> None:
         step = StepType.parse(step_type)
         _require_labels(labels, step)
-        x1, x2 = self._preprocess(h1), self._preprocess(h2)
-        if step is StepType.PARTIAL_FIT:
-            _partial_fit(self.estimator, x1, x2, labels=labels)
-        elif step is StepType.FIT:
-            self.estimator.fit(x1, x2, y=labels)
-            if self._fit_callback is not None:
-                self._fit_callback(self.estimator.predict(x1, x2), labels)
-        else:
-            self._predict_callback(self.estimator.predict(x1, x2), labels)
+        xs = (self._preprocess(h1), self._preprocess(h2))
+        _run_step(self.estimator, step, xs, labels, self._fit_callback, self._predict_callback)
 
 
 class _Dispatcher:
@@ -323,7 +314,7 @@ class _Dispatcher:
             probe.step(data, key=self.key, **kwargs)
 
 
-class BilinearProbeManager:
+class BilinearProbeManager(_ManagerBase):
     """Probe pairs of modules with a bilinear estimator (metric keys ``f"{h1}_{h2}_{direction}"``).
 
     Pair keys are module names as given; with ``Probing(relative=False)`` the hooked names are
@@ -348,19 +339,14 @@ class BilinearProbeManager:
         allow_overwrite: bool = False,
         data_preprocess_callback: Callable[[Any], Any] | None = None,
     ) -> None:
+        super().__init__(
+            estimator_class, estimator_kwargs, compute_metrics, allow_overwrite, data_preprocess_callback
+        )
         self._pairs = [tuple(p) for p in pairs]
         for pair in self._pairs:
             if len(pair) != 2 or not all(isinstance(k, str) for k in pair):
                 raise ProbingError(f"Each pair must be two module names (h1, h2), got {pair!r}.")
-        self._estimator_class = estimator_class
-        self._estimator_kwargs = dict(estimator_kwargs or {})
-        self._compute_metrics = compute_metrics
-        self._allow_overwrite = allow_overwrite
-        self._preprocess = data_preprocess_callback
-        self._estimators: dict[str, Any] = {}
-        self._metrics = _MetricStore(allow_overwrite, ".")
         self._pair_probes: dict[tuple[str, str, str], BilinearProbe] = {}
-        self._dispatchers: dict[tuple[str, str], _Dispatcher] = {}
 
     @property
     def key_pattern(self) -> str:
@@ -368,25 +354,9 @@ class BilinearProbeManager:
         keys = sorted({k for pair in self._pairs for k in pair})
         return "|".join(rf"(?:.*\.)?{re.escape(k)}$" for k in keys)
 
-    @property
-    def estimators(self) -> dict[str, Any]:
-        return self._estimators
-
-    @property
-    def fit_metrics(self) -> dict[str, Any]:
-        return self._metrics.fit
-
-    @property
-    def predict_metrics(self) -> dict[str, Any]:
-        return self._metrics.predict
-
     def reset_estimators(self) -> None:
-        self._estimators = {}
+        super().reset_estimators()
         self._pair_probes = {}
-        self._dispatchers = {}
-
-    def reset_metrics(self) -> None:
-        self._metrics.reset()
 
     def _pair_key(self, name: str) -> str | None:
         keys = {k for pair in self._pairs for k in pair}
@@ -407,26 +377,11 @@ class BilinearProbeManager:
             ident = (h1, h2, direction)
             if ident not in self._pair_probes:
                 name = f"{h1}_{h2}_{direction}"
-                if name in self._estimators and not self._allow_overwrite:
-                    raise ProbingError(
-                        f"Probe {name} already exists, call reset_estimators() to reset or use allow_overwrite=True"
-                    )
-                estimator = self._estimator_class(**self._estimator_kwargs)
-                self._estimators[name] = estimator
                 self._pair_probes[ident] = BilinearProbe(
-                    h1,
-                    h2,
-                    estimator,
-                    predict_callback=_StoreMetrics(
-                        self._metrics, StepType.PREDICT, name, self._compute_metrics
-                    ),
-                    fit_callback=_StoreMetrics(self._metrics, StepType.FIT, name, self._compute_metrics),
-                    data_preprocess_callback=self._preprocess,
+                    h1, h2, self._new_estimator(name), **self._callbacks(name)
                 )
             probes.append(self._pair_probes[ident])
-        dispatcher = _Dispatcher(pair_key or key, probes)
-        self._dispatchers[(key, direction)] = dispatcher
-        return dispatcher
+        return _Dispatcher(pair_key or key, probes)
 
     def before_all(self) -> None:
         for probe in self._pair_probes.values():

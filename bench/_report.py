@@ -33,7 +33,11 @@ How it is measured (see `bench/_harness.py`):
 The 1-minute load average before and after each case's timing is printed next to the case:
 this 2-core machine is shared, and with a load above 2 wall times (and ratios of them) are
 inflated by waiting for a core, and 2-thread OpenMP kernels suffer most. CPU-time ratios are then
-the more trustworthy of the two; rerun on a quiet machine for headline numbers.
+the more trustworthy of the two; rerun on a quiet machine for headline numbers. Worse, with 2
+threads and the other core busy, every OpenMP parallel region can wait a scheduler tick for its
+second thread: at load ≈ 4 the intervention task took 115 ms per call with 2 threads and 1.3 ms
+with 1, for raw hooks and ours alike. Cases marked **1 thread** were therefore run with
+`TDHOOK_BENCH_THREADS=1`; the others use the issue's 2 threads.
 
 Run it yourself:
 
@@ -120,7 +124,10 @@ def _task_table(task: Task, entries: list[dict[str, Any]]) -> list[str]:
     for entry in entries:
         case = entry["case"]
         load = entry.get("load") or []
+        threads = entry.get("threads", 2)
         ccell = case + (f" (load {load[0]:.1f}→{load[-1]:.1f})" if load else "")
+        if threads != 2:
+            ccell += f" **{threads} thread{'s' if threads > 1 else ''}**"
         if entry["status"] in ("failed", "unavailable"):
             lines.append(f"| {ccell} | — | **{entry['status']}**: {entry['reason']} | | | | | |")
             if entry["status"] == "unavailable":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _report
-from ._harness import ROOT, child_env, env_python, run_case, run_in_process
+from ._harness import ROOT, THREADS, child_env, env_python, run_case, run_in_process
 from .tasks import TASKS, load
 
 RESULTS = ROOT / "bench" / "results" / "results.json"
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry = res.to_json()
                 entry["wall_s"] = round(time.perf_counter() - start, 1)
                 entry["quick"] = args.quick
+                entry["threads"] = THREADS
                 results["cases"][f"{name}/{case.id}"] = entry
                 save_results(results)
                 print(f"[{name}] {case.id}: {res.status} {res.reason} ({entry['wall_s']} s)", flush=True)

@@ -2,10 +2,11 @@
 
 Memory stays ``O(N·k)`` plus one ``chunk × N`` block: the full ``N × N`` distance matrix is never
 built. For the Euclidean distance (``p=2``) each block ranks candidates with one matrix product
-in the input precision (on mean-centred points), then the distances of the best ``k + margin``
-candidates are recomputed exactly, in float64, from coordinate differences and sorted by
+in the input precision (on mean-centred points), whose rounding error scales with the squared
+norm of the points; the distances of the best ``k + margin`` candidates are then recomputed
+from coordinate differences, accurate to the rounding of the distance itself, and sorted by
 ``(distance, index)``. The result does not depend on the chunk size. Rows for which duplicates
-(distance ``<= eps``) crowd out the candidates are searched again exactly over all points.
+(distance ``<= eps``) crowd out the candidates are searched again directly over all points.
 
 :mod:`tdhook.latent.similarity` reuses :func:`prepare_points` and :func:`block_keys` for its
 rank computations.
@@ -169,13 +170,13 @@ def knn(
 def _knn_one(
     x: Tensor, k: int, *, chunk_size: int | None, eps: float | None, p: float
 ) -> tuple[Tensor, Tensor]:
-    """Neighbours within one ``(N, D)`` dataset; returns float64 distances and indices."""
+    """Neighbours within one ``(N, D)`` dataset (float32 or float64); returns distances and indices."""
     n, d = x.shape
     n_cand = min(n - 1, k + max(_MIN_MARGIN, k // 4))
     chunk = chunk_size or default_chunk_size(n, n_cand * d)
-    exact = x.to(torch.float64)
+    exact = x  # differences in the input precision: memory-bound, so float32 halves the traffic
     prepared = prepare_points(x, p)
-    out_d = torch.empty(n, k, dtype=torch.float64, device=x.device)
+    out_d = torch.empty(n, k, dtype=x.dtype, device=x.device)
     out_i = torch.empty(n, k, dtype=torch.long, device=x.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -202,19 +203,19 @@ def _sorted_by_distance(dist: Tensor, idx: Tensor, eps: float | None) -> tuple[T
         dist = dist.masked_fill(dist <= eps, math.inf)
     dist, order = dist.sort(dim=1, stable=True)
     idx = idx.gather(1, order)
-    tied = ((dist[:, 1:] == dist[:, :-1]) & torch.isfinite(dist[:, 1:])).any(dim=1)
+    tied = (dist[:, 1:] == dist[:, :-1]).any(dim=1)  # also true for two inf: harmless extra work
     if bool(tied.any()):  # exact ties (lattices, symmetric data): order them by index
         rows = tied.nonzero().squeeze(1)
         sub_idx, perm = idx[rows].sort(dim=1)
         sub_dist, order = dist[rows].gather(1, perm).sort(dim=1, stable=True)
         dist[rows], idx[rows] = sub_dist, sub_idx.gather(1, order)
-    return dist, idx.masked_fill(~torch.isfinite(dist), -1)
+    return dist, idx.masked_fill(dist == math.inf, -1)
 
 
 def _refine(
     exact: Tensor, rows: Tensor, cand: Tensor, *, eps: float | None, p: float
 ) -> tuple[Tensor, Tensor]:
-    """Exact float64 distances to the candidates, sorted by ``(distance, index)``."""
+    """Distances to the candidates from coordinate differences, sorted by ``(distance, index)``."""
     diff = exact[cand] - exact[rows].unsqueeze(1)
     dist = torch.linalg.vector_norm(diff, ord=p, dim=-1)
     return _sorted_by_distance(dist, cand, eps)

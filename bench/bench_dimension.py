@@ -3,7 +3,8 @@
 Every measurement runs in its own subprocess (``--child ...``), so peak RSS
 (``resource.getrusage(...).ru_maxrss``) belongs to that one computation; the table reports the
 peak above the RSS measured after the data were created. Times are wall clock and process CPU
-time (both threads); on a shared, loaded machine the CPU-time ratio is the robust one.
+time. On a shared, loaded machine multi-threaded runs stall at every parallel region (and spin,
+inflating CPU time too): ``--threads 1`` gives the stable comparison of work.
 
 1. TwoNN intrinsic dimension on ``N × 128`` points (a 10-dimensional manifold): tdhook's
    chunked exact kNN (``O(N·k)`` memory) against the dense reference written below (full
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -112,7 +114,7 @@ def child_twonn(impl: str, n: int, dim: int, cap_gb: float) -> dict[str, Any]:
 
     from tdhook.latent.dimension import TwoNnDimensionEstimator
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     x = manifold_points(n, dim)
     if impl == "dense" and cap_gb > 0:
         limit = int(cap_gb * 2**30)
@@ -139,7 +141,7 @@ def child_probe(impl: str, n_train: int, n_test: int) -> dict[str, Any]:
 
     from tdhook.latent.stats import StreamingLinearRegression
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model = probe_model()
     x_train, y_train = probe_data(n_train, seed=1)
     x_test, y_test = probe_data(n_test, seed=2)
@@ -184,9 +186,12 @@ def child_probe(impl: str, n_train: int, n_test: int) -> dict[str, Any]:
     }
 
 
-def run_child(*args: str) -> dict[str, Any]:
+def run_child(*args: str, threads: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)  # torch and the BLAS behind numpy/scipy (scikit-learn) alike
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -199,21 +204,21 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def bench_twonn(sizes: list[int], dim: int, cap_gb: float, skip_dense_above: int) -> list[str]:
+def bench_twonn(sizes: list[int], dim: int, cap_gb: float, skip_dense_above: int, threads: int) -> list[str]:
     rows = [
-        f"### TwoNN on N × {dim} points (10-dimensional manifold), 2 CPU threads",
+        f"### TwoNN on N × {dim} points (10-dimensional manifold), {threads} CPU thread(s)",
         "",
         "| N | tdhook chunked: wall / CPU (s) | peak RSS (MB) | dense cdist: wall / CPU (s) | peak RSS (MB) "
         "| speed-up (CPU) | speed-up (wall) | estimate (chunked / dense) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
-        ours = run_child("twonn", "chunked", str(n), str(dim), str(cap_gb))
+        ours = run_child("twonn", "chunked", str(n), str(dim), str(cap_gb), threads=threads)
         need_gb = 16 * n * n / 2**30  # cdist + sorted values (float32) + indices (int64)
         if n > skip_dense_above:
             dense: dict[str, Any] = {"error": f"not run: needs ≈{need_gb:.0f} GB (> cap {cap_gb:g} GB)"}
         else:
-            dense = run_child("twonn", "dense", str(n), str(dim), str(cap_gb))
+            dense = run_child("twonn", "dense", str(n), str(dim), str(cap_gb), threads=threads)
         ok = "seconds" in dense and "seconds" in ours
         cpu_ratio = dense["cpu_seconds"] / ours["cpu_seconds"] if ok else None
         wall_ratio = dense["seconds"] / ours["seconds"] if ok else None
@@ -233,15 +238,17 @@ def bench_twonn(sizes: list[int], dim: int, cap_gb: float, skip_dense_above: int
     return rows
 
 
-def bench_probes(n_train: int, n_test: int) -> list[str]:
-    results = {impl: run_child("probe", impl, str(n_train), str(n_test)) for impl in PROBE_IMPLS}
+def bench_probes(n_train: int, n_test: int, threads: int) -> list[str]:
+    results = {
+        impl: run_child("probe", impl, str(n_train), str(n_test), threads=threads) for impl in PROBE_IMPLS
+    }
     for name, res in results.items():
         if "error" in res:
             return [f"probe benchmark failed ({name}): {res['error']}"]
     ours = results["tdhook"]
     rows = [
         f"### Linear probes on all {PROBE_DEPTH} layers of an MLP (width {PROBE_WIDTH}), "
-        f"{n_train:,} train / {n_test:,} test samples, batches of {PROBE_BATCH}, 2 CPU threads",
+        f"{n_train:,} train / {n_test:,} test samples, batches of {PROBE_BATCH}, {threads} CPU thread(s)",
         "",
         "| implementation | fit + score: wall / CPU (s) | end to end incl. forwards: wall / CPU (s) "
         "| peak RSS above set-up (MB) | speed-up, fit + score (CPU / wall) | max \\|ΔR²\\| vs tdhook |",
@@ -276,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-cap-gb", type=float, default=8.0, help="address-space cap of the dense run")
     parser.add_argument("--probe-samples", type=int, default=20000)
     parser.add_argument("--probe-test", type=int, default=5000)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads per run (1 gives stable CPU times on a loaded machine)",
+    )
     parser.add_argument("--skip-twonn", action="store_true")
     parser.add_argument("--skip-probes", action="store_true")
     args = parser.parse_args(argv)
@@ -287,13 +300,20 @@ def main(argv: list[str] | None = None) -> None:
             out = child_probe(impl, int(rest[0]), int(rest[1]))
         print(json.dumps(out))
         return
-    lines: list[str] = [f"torch {torch.__version__}, {torch.get_num_threads()} threads", ""]
+    load = os.getloadavg()[0]
+    lines: list[str] = [
+        f"torch {torch.__version__}, {args.threads} thread(s) per run, load average {load:.1f}",
+        "",
+    ]
     if not args.skip_twonn:
         # dense needs ~16·N² bytes; sizes beyond the cap are reported, not attempted
         max_dense = int(math.sqrt(args.dense_cap_gb * 2**30 / 16 * 0.9))
-        lines += [*bench_twonn(args.twonn_sizes, args.twonn_dim, args.dense_cap_gb, max_dense), ""]
+        lines += [
+            *bench_twonn(args.twonn_sizes, args.twonn_dim, args.dense_cap_gb, max_dense, args.threads),
+            "",
+        ]
     if not args.skip_probes:
-        lines += bench_probes(args.probe_samples, args.probe_test)
+        lines += bench_probes(args.probe_samples, args.probe_test, args.threads)
     print("\n" + "\n".join(lines))
 
 

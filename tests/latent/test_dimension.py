@@ -439,3 +439,16 @@ def test_missing_key_and_bad_rank():
         TwoNnDimensionEstimator()(TensorDict({"other": torch.randn(5, 2)}))
     with pytest.raises(ValueError, match=r"shape \(N, D\) or \(\.\.\., N, D\).*got shape \(5,\)"):
         TwoNnDimensionEstimator()(TensorDict({"data": torch.randn(5)}))
+
+
+def test_reference_import_path():
+    from tdhook.latent import dimension_estimation
+
+    assert dimension_estimation.TwoNnDimensionEstimator is TwoNnDimensionEstimator
+    assert dimension_estimation.CaPcaDimensionEstimator is CaPcaDimensionEstimator
+    assert set(dimension_estimation.__all__) == {
+        "TwoNnDimensionEstimator",
+        "LocalKnnDimensionEstimator",
+        "LocalPcaDimensionEstimator",
+        "CaPcaDimensionEstimator",
+    }

@@ -6,6 +6,8 @@ saves its state; the parent compares both ranks with one process fitted on all t
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -54,7 +56,13 @@ def _fit(rows: slice) -> dict[str, object]:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=120),  # a stuck peer fails the test instead of hanging it
+    )
     try:
         half = 400 // WORLD_SIZE
         models = _fit(slice(rank * half, (rank + 1) * half))

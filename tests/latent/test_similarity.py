@@ -291,3 +291,10 @@ def test_streaming_cka_errors():
     with pytest.raises(DistributedNotInitializedError, match="init_process_group") as info:
         StreamingCka().update(_randn(8, 2), _randn(8, 2)).all_reduce()
     assert isinstance(info.value, RuntimeError)
+
+
+def test_reference_import_path():
+    from tdhook.latent import representation_similarity
+
+    assert representation_similarity.CkaEstimator is CkaEstimator
+    assert representation_similarity.InformationImbalanceEstimator is InformationImbalanceEstimator

@@ -244,9 +244,9 @@ def _import_size(extra: Mapping[str, Any]) -> list[str]:
 
 _ANALYSIS = """## Analysis: where the time goes
 
-The machine was shared with other jobs while the tables above were measured (load averages
-of 6–12 on 2 cores), so their wall-time ratios carry a lot of noise. To separate the libraries'
-own costs from the load, each headline case was also compared with `python -m bench.ab`
+The machine was shared with other jobs during this session (load averages of 2–12 on 2
+cores). To separate the libraries' own costs from the load, each headline case was also
+compared with `python -m bench.ab`
 (interleaved A/B in one process, one thread, CPU time, minimum over rounds of the median of 3
 calls; no fresh process per library, so it complements the tables, it does not replace them):
 
@@ -275,8 +275,10 @@ calls; no fresh process per library, so it complements the tables, it does not r
   seeds of shape (K, N·steps, out) with `new_zeros` + add (41 MB per call); an expanded view
   `eye[indices].view(K, 1, …, out).expand(K, *target.shape)` gives the VJP the same seeds for free.
 - **Low-level `run` API (hook overhead, intervention).** Per save, ours costs ≈ 10 µs more than a
-  raw `register_forward_hook` (+165 µs vs +42 µs at 12 saves; still 5× less than nnsight 0.8 at
-  1 save and well under the +325 / +2159 µs of tdhook 0.1.3). Measured one by one (µs per save):
+  raw `register_forward_hook`: +6 / +30 / +143 µs above the forward at 0 / 1 / 12 saves against
+  +5 / +7 / +31 µs for raw hooks (ratio 4.3 / 4.7, target ≤ 2 ✗) and +63 / +74 / +129 µs for
+  nnsight 0.8 (ours / nnsight 0.40 at 1 save, 1.12 at 12), far below tdhook 0.1.3's
+  +325 / +2159 µs. Measured one by one (µs per save):
   `resolve_path` of the string key 4–6, `HookDirection.parse` 1.2, `check_callback`, the frozen
   dataclass `CachingHook(...)` 1.6, register + remove 4.1, the hook call 3.3 (of which
   `TensorDict.set` 1.7). Fixes, in `src/tdhook/_core/` (not done here): memoise key → module per
@@ -328,7 +330,10 @@ def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [3, 2, 2]})
+    n_bars = sum(len(ratios(t, e)) for t, es in tasks for e in es)
+    fig, axes = plt.subplots(
+        1, 3, figsize=(20, max(6.0, 0.16 * n_bars)), gridspec_kw={"width_ratios": [3, 2, 2]}
+    )
     labels, values, cpus, targets = [], [], [], []
     for task, entries in tasks:
         for entry in entries:
@@ -372,9 +377,9 @@ def _plot_curve(ax: Any, tasks: list[tuple[Task, list[dict[str, Any]]]]) -> None
             continue
         series: dict[str, list[tuple[int, float]]] = {}
         for entry in entries:
-            k = entry["params"].get("k_separate")
-            if k is None:
+            if entry["params"].get("mode") != "separate" or entry["params"].get("chunk") is not None:
                 continue
+            k = entry["params"]["k"]
             for lib in entry["libs"]:
                 med = _median(lib)
                 if med is not None:

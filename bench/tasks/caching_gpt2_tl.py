@@ -13,6 +13,6 @@ TASK = Task(
     cases=CASES,
     rtol=1e-5,
     atol=1e-5,
-    targets={"raw": 1.05, "transformer_lens": 0.8},
+    targets={"raw": 1.05},  # the issue sets no target vs TransformerLens
     timing={"warmup": 2, "min_repeats": 10, "max_repeats": 50, "budget_s": 15.0},
 )

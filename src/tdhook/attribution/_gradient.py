@@ -629,9 +629,9 @@ class GradientAttribution(HookingContextFactory):
             seed[..., indices] = 1
             return seed
         k = len(indices)
-        seed = target.new_zeros((k, *target.shape))
         eye = torch.eye(size, dtype=target.dtype, device=target.device)[indices]
-        return seed + eye.view(k, *([1] * (target.dim() - 1)), size)
+        # a broadcast view, not a (K, *target) copy: one-hot rows expanded over the batch
+        return eye.view(k, *([1] * (target.dim() - 1)), size).expand(k, *target.shape)
 
     def _plain_outputs(
         self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any], **kwargs: Any

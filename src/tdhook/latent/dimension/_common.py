@@ -21,6 +21,7 @@ __all__ = [
     "check_eps",
     "check_k",
     "format_repr",
+    "init_io",
     "read_points",
 ]
 
@@ -98,3 +99,20 @@ def format_repr(obj: Any, **fields: Any) -> str:
     parts = [f"in_keys={list(obj.in_keys)}", f"out_keys={list(obj.out_keys)}"]
     parts += [f"{name}={value!r}" for name, value in fields.items()]
     return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+def init_io(
+    estimator: Any,
+    in_key: Any,
+    out_key: Any,
+    eps: Any,
+    chunk_size: Any,
+    extra_out_keys: list[Any] | None = None,
+) -> None:
+    """Validate and set the attributes every estimator shares: keys, ``eps`` and ``chunk_size``."""
+    estimator.in_key = in_key
+    estimator.out_key = out_key
+    estimator.eps = check_eps(eps)
+    estimator.chunk_size = check_chunk_size(chunk_size)
+    estimator.in_keys = [in_key]
+    estimator.out_keys = [out_key, *(extra_out_keys or [])]

@@ -10,7 +10,7 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 
 from ..stats._errors import InsufficientSamplesError
-from ._common import AUTO, KSpec, auto_k, check_chunk_size, check_eps, check_k, format_repr, read_points
+from ._common import AUTO, KSpec, auto_k, check_k, format_repr, init_io, read_points
 from ._knn import knn
 
 __all__ = ["LocalKnnDimensionEstimator"]
@@ -59,12 +59,7 @@ class LocalKnnDimensionEstimator(TensorDictModuleBase):
     ) -> None:
         super().__init__()
         self.k = check_k(k, minimum=2, message="k must be greater than 1")
-        self.in_key = in_key
-        self.out_key = out_key
-        self.eps = check_eps(eps)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.in_keys = [in_key]
-        self.out_keys = [out_key]
+        init_io(self, in_key, out_key, eps, chunk_size)
 
     def __repr__(self) -> str:
         return format_repr(self, k=self.k, eps=self.eps)

@@ -19,7 +19,7 @@ from tensordict.utils import NestedKey
 from torch import Tensor
 
 from ..stats._errors import InsufficientSamplesError, InvalidParameterError
-from ._common import AUTO, KSpec, auto_k, check_chunk_size, check_eps, check_k, format_repr, read_points
+from ._common import AUTO, KSpec, auto_k, check_k, format_repr, init_io, read_points
 from ._knn import BLOCK_ELEMENTS, knn
 
 __all__ = ["CaPcaDimensionEstimator", "LocalPcaDimensionEstimator", "PcaCriterion"]
@@ -126,12 +126,7 @@ class LocalPcaDimensionEstimator(TensorDictModuleBase):
         self.k = check_k(k, minimum=1, message="k must be at least 1")
         self.criterion = _parse_criterion(criterion)
         self.alpha = float(alpha)
-        self.in_key = in_key
-        self.out_key = out_key
-        self.eps = check_eps(eps)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.in_keys = [in_key]
-        self.out_keys = [out_key]
+        init_io(self, in_key, out_key, eps, chunk_size)
 
     def __repr__(self) -> str:
         return format_repr(self, k=self.k, criterion=self.criterion.value, alpha=self.alpha, eps=self.eps)
@@ -201,12 +196,7 @@ class CaPcaDimensionEstimator(TensorDictModuleBase):
     ) -> None:
         super().__init__()
         self.k = check_k(k, minimum=1, message="k must be at least 1")
-        self.in_key = in_key
-        self.out_key = out_key
-        self.eps = check_eps(eps)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.in_keys = [in_key]
-        self.out_keys = [out_key]
+        init_io(self, in_key, out_key, eps, chunk_size)
 
     def __repr__(self) -> str:
         return format_repr(self, k=self.k, eps=self.eps)

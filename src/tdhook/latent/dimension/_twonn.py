@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..stats._checks import suffix_key
 from ..stats._errors import InsufficientSamplesError
-from ._common import check_chunk_size, check_eps, format_repr, read_points
+from ._common import format_repr, init_io, read_points
 from ._knn import knn
 
 __all__ = ["TwoNnDimensionEstimator", "two_nn_fit"]
@@ -59,14 +59,9 @@ class TwoNnDimensionEstimator(TensorDictModuleBase):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_key = in_key
-        self.out_key = out_key
         self.return_xy = return_xy
-        self.eps = check_eps(eps)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.in_keys = [in_key]
         extra = [suffix_key(out_key, "_x"), suffix_key(out_key, "_y")] if return_xy else []
-        self.out_keys = [out_key, *extra]
+        init_io(self, in_key, out_key, eps, chunk_size, extra)
 
     def __repr__(self) -> str:
         return format_repr(self, eps=self.eps)

@@ -122,6 +122,10 @@ def _step(obj: nn.Module, step: PathStep) -> object:
     registry = obj._modules  # nn.Module's child registry (read-only), skips the slow __getattr__ chain
     if step in registry:
         return registry[step]
+    if isinstance(obj, TensorDictModule):  # attribute access falls through to the wrapped module
+        inner = registry.get("module")
+        if inner is not None and step in inner._modules:
+            return inner._modules[step]
     return getattr(obj, step)
 
 

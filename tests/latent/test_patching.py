@@ -12,23 +12,7 @@ from tdhook.latent import ActivationPatching
 from tdhook.latent.activation_patching import ActivationPatching as CompatPatching
 from tdhook.latent.activation_patching import InterventionShapeError
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(4, 6)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(6, 6)
-        self.linear3 = nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear3(self.relu(self.linear2(self.relu(self.linear1(x)))))
-
-
-@pytest.fixture
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+# `net` (linear1 -> relu -> linear2 -> relu -> linear3, 4 -> 2) comes from tests/conftest.py.
 
 
 def make_td(batch: tuple[int, ...]) -> TensorDict:

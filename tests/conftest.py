@@ -1,3 +1,5 @@
+"""Fixtures shared across test folders: a small three-layer network and a batch for it."""
+
 from __future__ import annotations
 
 import pytest

@@ -44,11 +44,13 @@ def _uneven_batches(x: torch.Tensor, *others: torch.Tensor):
 # --------------------------------------------------------------------------- moments
 
 
-def test_moments_match_torch_mean_and_cov():
-    x = 50.0 + 3.0 * _randn(500, 6, seed=1)
+@pytest.mark.parametrize("width", [6, 150], ids=["one-addmm", "blocked-upper-triangle"])
+def test_moments_match_torch_mean_and_cov(width):
+    x = 50.0 + 3.0 * _randn(500, width, seed=1)
     moments = StreamingMoments()
     for (batch,) in _uneven_batches(x):
         moments.update(batch)
+        torch.testing.assert_close(moments.m2, moments.m2.T)  # read between updates: stays symmetric
     assert moments.count == 500
     torch.testing.assert_close(moments.mean, x.mean(0))
     torch.testing.assert_close(moments.covariance(), torch.cov(x.T))
@@ -59,11 +61,13 @@ def test_moments_match_torch_mean_and_cov():
     assert single.mean.shape == (1,)
 
 
-def test_moments_merge_and_state_round_trip():
-    x = _randn(300, 4, seed=3, dtype=torch.float32)
+@pytest.mark.parametrize("width", [4, 130])
+def test_moments_merge_and_state_round_trip(width):
+    x = _randn(300, width, seed=3, dtype=torch.float32)
     left, right = StreamingMoments().update(x[:120]), StreamingMoments().update(x[120:])
-    merged = StreamingMoments().merge(left).merge(right)
+    merged = StreamingMoments().merge(left).merge(right).update(x[:0])
     whole = StreamingMoments().update(x)
+    torch.testing.assert_close(whole.covariance(), torch.cov(x.double().T))
     torch.testing.assert_close(merged.mean, whole.mean)
     torch.testing.assert_close(merged.covariance(), whole.covariance())
     assert merged.mean.dtype == torch.float64

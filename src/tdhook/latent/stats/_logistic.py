@@ -251,7 +251,7 @@ class StreamingLogisticRegression:
                 f"y must have shape (n,) = ({x.shape[0]},) to match X, got {tuple(labels.shape)}."
             )
         check_finite(x, name="X")
-        return x.reshape(x.shape[0], -1), labels
+        return x.flatten(1), labels
 
     # ---------------------------------------------------------------- predicting
 
@@ -282,7 +282,7 @@ class StreamingLogisticRegression:
         """Logits ``X Wᵀ + b``, shape ``(n, C)``."""
         weight, bias, _ = self._params()
         x = as_float(as_tensor(X, name="X"))
-        x = x.reshape(x.shape[0], -1)
+        x = x.flatten(1)
         if x.shape[1] != weight.shape[1]:
             raise IncompatibleInputsError(
                 f"X has {x.shape[1]} features but StreamingLogisticRegression was fitted with {weight.shape[1]}."

@@ -105,7 +105,7 @@ class StreamingLinearRegression:
             joint[:, : x2.shape[1]] = x2  # one converting copy per block, no float32 concatenation
             joint[:, x2.shape[1] :] = y2
             try:
-                self._moments.update(joint)
+                self._moments._update(joint, owned=True)  # our own buffer: centred in place
             except NonFiniteInputError:
                 check_finite(x2, name="X")  # name the culprit
                 check_finite(y2, name="y")
@@ -133,7 +133,7 @@ class StreamingLinearRegression:
             raise IncompatibleInputsError(
                 f"X and y must have the same number of samples, got {x.shape[0]} and {t.shape[0]}."
             )
-        return x.reshape(x.shape[0], -1), t.reshape(t.shape[0], -1), t.ndim == 1
+        return x.flatten(1), (t.unsqueeze(1) if t.ndim == 1 else t), t.ndim == 1
 
     # ------------------------------------------------------------------ solving
 
@@ -202,7 +202,7 @@ class StreamingLinearRegression:
         x = as_float(as_tensor(X, name="X"))
         if x.ndim < 2:
             raise IncompatibleInputsError(f"X must have shape (n, D), got {tuple(x.shape)}.")
-        x = x.reshape(x.shape[0], -1)
+        x = x.flatten(1)
         if x.shape[1] != coef.shape[0]:
             raise IncompatibleInputsError(
                 f"X has {x.shape[1]} features but StreamingLinearRegression was fitted with {coef.shape[0]}."
@@ -220,7 +220,7 @@ class StreamingLinearRegression:
         """
         x2, y2, _ = self._check_xy(X, y)
         check_finite(y2, name="y")
-        pred = self.predict(x2).reshape(y2.shape[0], -1).to(torch.float64)
+        pred = self.predict(x2).reshape(y2.shape).to(torch.float64)
         truth = y2.to(pred.device, torch.float64)
         return r2_score(truth, pred)
 

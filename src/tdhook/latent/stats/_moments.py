@@ -178,7 +178,8 @@ class StreamingMoments:
         """Mirror the upper triangle of ``acc.m2`` (the one :func:`_add_gram` keeps) into the lower, in place."""
         m2 = acc.m2
         if m2.shape[0] >= _BLOCKED_MIN_WIDTH:
-            lower = torch.tril_indices(*m2.shape, offset=-1, device=m2.device)
+            d = m2.shape[0]
+            lower = torch.tril_indices(d, d, offset=-1, device=m2.device)
             m2[lower[0], lower[1]] = m2[lower[1], lower[0]]
         return acc
 

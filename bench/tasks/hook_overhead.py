@@ -1,7 +1,8 @@
 """Hook overhead: a depth-12 width-10 MLP at batch 1, saving 0, 1 or 12 linear outputs per call.
 
 Every library sets its saves up *per call* (as a user of a ``trace``/``run`` API does), runs the
-model and tears down. The table reports µs per call above the plain forward.
+model and tears down, all with gradients disabled. The table reports µs per call above the
+plain forward.
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ from .._harness import Case, Impl, Skip, Task
 from ..models import sequential_mlp
 
 DEPTH, WIDTH = 12, 10
+
+
+def _inference(run: Any) -> Any:
+    """Run a call with gradients disabled.
+
+    Every library runs in inference mode: tdhook's ``run()`` disables gradients by default, so a
+    plain forward recording autograd would be a slower baseline than ours.
+    """
+
+    @functools.wraps(run)
+    def wrapper(self: Any) -> Any:
+        with torch.no_grad():
+            return run(self)
+
+    return wrapper
 
 
 def _build(params: Any) -> tuple[torch.nn.Sequential, torch.Tensor, list[str]]:
@@ -38,6 +54,7 @@ class Tdhook(Impl):
         self.hooked = HookedModule.from_module(model)
         self.saved: list[Any] = []
 
+    @_inference
     def run(self):
         with self.hooked.run(self.x) as run:
             proxies = [run.save(name) for name in self.names]
@@ -63,6 +80,7 @@ class TdhookCaching(Impl):
         pattern = "(" + "|".join(self.names) + ")$"
         self.context = ActivationCaching(pattern, detach=False).prepare(model)
 
+    @_inference
     def run(self):
         with self.context as hooked:
             hooked(self.x)
@@ -88,6 +106,7 @@ class Raw(Impl):
         self.modules = [self.model.get_submodule(n) for n in self.names]
         self.store: dict[str, Any] = {}
 
+    @_inference
     def run(self):
         store: dict[str, Any] = {}
         handles = [
@@ -115,6 +134,7 @@ class Plain(Impl):
     def setup(self, params):
         self.model, self.x, self.names = _build(params)
 
+    @_inference
     def run(self):
         self.out = self.model(self.x)
 
@@ -137,6 +157,7 @@ class Nnsight(Impl):
         self.index = [int(n) for n in self.names]
         self.saved: list[Any] = []
 
+    @_inference
     def run(self):
         model = self.model
         saved = []

@@ -203,3 +203,90 @@ def test_tensor_call_semantics(net) -> None:
     hooked = HookedModule.from_module(net, ["input"], ["output"])
     x = torch.randn(3, 4)
     torch.testing.assert_close(hooked(x), net(x))
+
+
+def test_run_cache_read_inside_the_body_is_filled_at_exit(net, td) -> None:
+    """``run.cache`` is built on demand from the run's values; read early, it still gets them."""
+    hooked = HookedModule.from_module(net, ["input"], ["output"])
+    with hooked.run(td.clone()) as run:
+        early = run.cache
+        proxy = run.get("linear1")
+        assert "linear1_output" not in early  # hooks fire at exit
+        later = run.get("linear2")  # registered after the cache was read: goes to it directly
+    assert early is run.cache
+    torch.testing.assert_close(early["linear1_output"], proxy.resolve())
+    torch.testing.assert_close(early["linear2_output"], later.resolve())
+    own = TensorDict()
+    with hooked.run(td.clone(), run_cache=own) as run:
+        run.get("linear1")
+    assert run.cache is own
+    assert set(own.keys()) == {"linear1_output"}
+
+
+def test_run_values_follow_callbacks_and_directions(net, td) -> None:
+    hooked = HookedModule.from_module(net, ["input"], ["output"])
+    with hooked.run(td.clone()) as run:
+        doubled = run.save("linear1", callback=lambda output, key, **_: output * 2)
+        inp = run.save("linear2", direction="fwd_pre")
+    x = td["input"]
+    torch.testing.assert_close(doubled.resolve(), 2 * net.linear1(x))
+    torch.testing.assert_close(inp.resolve(), net.relu(net.linear1(x)))
+    with pytest.raises(InvalidDirectionError, match="Invalid direction: 'forward'"), hooked.run(td) as run:
+        run.save("linear1", direction="forward")
+
+
+class _Returns(torch.nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        outs = {"tensor": x, "dict": {"output": 2 * x}, "other_dict": {"a": x}, "tuple1": (x,)}
+        outs.update({"tuple2": (x, x), "none": None})
+        return outs[self.kind]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dict", "other_dict", "tuple1", "tuple2", "none"])
+def test_tensor_call_shortcut_matches_tensordict_module(kind) -> None:
+    """A tensor call skips the TensorDict round trip but returns (or raises) what it would."""
+    hooked = HookedModule.from_module(_Returns(kind))
+    x = torch.ones(2)
+
+    def call(fn):
+        try:
+            out = fn(x)
+        except RuntimeError as err:
+            return "error", str(err).split("(")[0]
+        return type(out).__name__, out.to_dict() if isinstance(out, TensorDict) else out
+
+    ours, theirs = call(hooked), call(hooked.td_module)
+    assert ours[0] == theirs[0]
+    assert str(ours[1]) == str(theirs[1])
+
+
+def test_tensor_call_shortcut_keeps_hooks_on_the_wrapper(net) -> None:
+    """Hooks on the TensorDictModule (or global module hooks) still fire: no shortcut then."""
+    hooked = HookedModule.from_module(net)
+    x = torch.randn(3, 4)
+    seen = []
+    handle = hooked.td_module.register_forward_hook(
+        lambda module, args, out: seen.append(type(module).__name__)
+    )
+    try:
+        hooked(x)
+    finally:
+        handle.remove()
+    assert seen == ["TensorDictModule"]
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(type(module).__name__)
+    )
+    try:
+        hooked(x)
+        through_wrapper = list(calls)
+        calls.clear()
+        hooked.td_module(x)
+    finally:
+        handle.remove()
+    assert through_wrapper == [*calls, "HookedModule"]  # the TensorDictModule's call included
+    assert "TensorDictModule" in calls

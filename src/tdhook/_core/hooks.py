@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from types import FunctionType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -305,6 +306,17 @@ def check_callback(
     """
     if callback is None:
         return
+    # inspect.signature costs ~5 µs, on every set(callback=...) of a run. A plain function's
+    # parameters are fixed by its code object (lambdas re-created at one place share it), so a
+    # passed check is remembered per code object; decorated functions (``__wrapped__`` or
+    # ``__signature__`` in their ``__dict__``) are checked every time.
+    memo = (
+        (callback.__code__, direction, tuple(extra))
+        if type(callback) is FunctionType and not callback.__dict__
+        else None
+    )
+    if memo is not None and memo in _CHECKED:
+        return
     try:
         sig = inspect.signature(callback)
     except (TypeError, ValueError):  # builtins without signature: trust them
@@ -316,6 +328,7 @@ def check_callback(
             f"({', '.join(direction.params)}, ...). Example: `lambda output, **_: output[0]`."
         )
     if any(p.kind is p.VAR_KEYWORD for p in params):
+        _remember(memo)
         return
     names = {p.name for p in params}
     required = {
@@ -330,6 +343,19 @@ def check_callback(
             + (f" and requires unknown parameters {sorted(unknown)}" if unknown else "")
             + f". A {direction.value!r} callback receives the keywords {sorted(passed)}; add `**_` to ignore the rest."
         )
+    _remember(memo)
+
+
+#: Code objects (with direction and extra names) whose callbacks passed :func:`check_callback`.
+_CHECKED: set[tuple[Any, ...]] = set()
+
+
+def _remember(memo: tuple[Any, ...] | None) -> None:
+    if memo is None:
+        return
+    if len(_CHECKED) >= 4096:  # bounded: a program has few callback definitions
+        _CHECKED.clear()
+    _CHECKED.add(memo)
 
 
 def _unwrap(value: Any) -> Any:

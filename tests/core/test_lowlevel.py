@@ -290,3 +290,30 @@ def test_tensor_call_shortcut_keeps_hooks_on_the_wrapper(net) -> None:
         handle.remove()
     assert through_wrapper == [*calls, "HookedModule"]  # the TensorDictModule's call included
     assert "TensorDictModule" in calls
+
+
+def test_callback_check_is_remembered_per_code_but_not_for_wrappers() -> None:
+    import functools
+
+    from tdhook._core import hooks as core_hooks
+    from tdhook._core.hooks import HookDirection, check_callback
+
+    def make():
+        return lambda output, **_: output
+
+    check_callback(make(), HookDirection.FWD)
+    assert (make().__code__, HookDirection.FWD, ()) in core_hooks._CHECKED
+    check_callback(make(), HookDirection.FWD)  # a new lambda, same code: remembered
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    good = wrap(lambda output, **_: output)
+    bad = wrap(lambda value: value)  # same wrapper code, another signature (via __wrapped__)
+    check_callback(good, HookDirection.FWD)
+    with pytest.raises(HookSignatureError, match="missing required parameters"):
+        check_callback(bad, HookDirection.FWD)

@@ -52,3 +52,28 @@ def test_more_examples_run() -> None:
     assert namespace["relevance"].shape == (5, 6)
     assert ("patched", "output") in td.keys(include_nested=True)
     assert "layers.5" in namespace["hooked"].hooking_context.cache
+
+
+def test_streaming_probe_block_runs_in_a_one_process_group(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from sklearn.metrics import r2_score
+    from tensordict import TensorDict
+
+    from tdhook.latent.probing import ProbeManager, Probing
+
+    block = next(b for b in _blocks() if "manager.all_reduce()" in b)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, xt = torch.randn(600, 4), torch.randn(100, 4)
+    shard = TensorDict(input=x, labels=x[:, :2] * 2, batch_size=[600])
+    test = TensorDict(input=xt, labels=xt[:, :2] * 2, batch_size=[100])
+    namespace = {"torch": torch, "model": model, "my_shard": shard, "test": test}
+    namespace |= {"ProbeManager": ProbeManager, "Probing": Probing, "r2_score": r2_score}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        exec(compile(block, "README streaming probes", "exec"), namespace)
+    finally:
+        dist.destroy_process_group()
+    metrics = namespace["manager"].predict_metrics
+    assert set(metrics) == {"0_fwd", "1_fwd", "2_fwd"}
+    assert metrics["0_fwd"]["r2"] > 0.999  # the labels are linear in the first layer's input

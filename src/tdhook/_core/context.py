@@ -39,6 +39,7 @@ from .hooks import (
     HandleGroup,
     HookDirection,
     Installable,
+    MutableWeakRef,
     SettingHook,
     StoppingHook,
     StoringHook,
@@ -404,6 +405,23 @@ class HookedModuleRun:
     then propagates after the hooks are removed). A stop hook ends the forward early.
     """
 
+    __slots__ = (
+        "__weakref__",
+        "_active",
+        "_cache",
+        "_cache_mirrors_store",
+        "_callback",
+        "_data",
+        "_grad_enabled",
+        "_handles",
+        "_module",
+        "_name",
+        "_outer_cache",
+        "_sep",
+        "_store",
+        "_store_ref",
+    )
+
     def __init__(
         self,
         module: HookedModule,
@@ -423,6 +441,7 @@ class HookedModuleRun:
         # Without a run_cache the values go to a plain dict; ``cache`` builds a TensorDict on demand.
         self._cache: TensorDictBase | None = run_cache
         self._store = _RunStore()
+        self._store_ref = MutableWeakRef(self._store)  # one weak reference shared by the run's proxies
         self._cache_mirrors_store = False
         self._grad_enabled = grad_enabled
         self._callback = run_callback or _default_run_callback
@@ -477,7 +496,7 @@ class HookedModuleRun:
         check_callback(callback, direction, ("key", "direction"))
         hook = StoringHook(cache_key, self._store, direction, callback)
         self._handles.append(self._module.register_submodule_hook(key, hook, direction, prepend, relative))
-        return CacheProxy(cache_key, self._store)
+        return CacheProxy(cache_key, self._store_ref)
 
     def _check(self, name: str) -> None:
         if not self._active:

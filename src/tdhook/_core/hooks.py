@@ -404,7 +404,15 @@ class StoringHook:
     callback: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> None:
-        self.store[self.key] = _hook_value(self.direction, self.callback, self.key, args)
+        if self.callback is not None:
+            self.store[self.key] = _hook_value(self.direction, self.callback, self.key, args)
+            return
+        value = args[_VALUE_INDEX[self.direction]]  # _hook_value inlined: this runs once per saved module
+        if isinstance(value, tuple) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, (torch.Tensor, TensorDictBase)):
+            _check_storable(value, self.key)
+        self.store[self.key] = value
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses build ~5x slower, on the run() hot path

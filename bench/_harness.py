@@ -393,28 +393,31 @@ def run_case(
             failed.append(f"{name}: {why}")
     if failed:
         return CaseResult(task.name, case.id, params, "failed", "; ".join(failed), list(results.values()))
-    # 2. timing
+    # 2. timing: `rounds` fresh processes per library, interleaved; the round with the lowest
+    # median is kept (one process's memory layout alone moved GPT-2's forward by ~10% here)
     load = [os.getloadavg()[0]]
-    for name in names:
-        if results[name].status != "ok":
-            continue
-        log(f"  [{task.name}/{case.id}] time: {name}")
-        r = _run_child(
-            python,
-            {
-                **base,
-                "lib": name,
-                "mode": "time",
-                "timing": {**task.timing, **(timing or {})},
-                "memory": task.memory,
-            },
-            timeout_s,
-        )
-        if r.get("status") != "ok":
-            results[name].status = r.get("status", "error")
-            results[name].reason = r.get("reason", "")
-            continue
-        results[name].timing = r["timing"]
+    settings = {**task.timing, **(timing or {})}
+    rounds = int(settings.pop("rounds", 1))
+    for round_ in range(rounds):
+        for name in names:
+            if results[name].status != "ok":
+                continue
+            log(
+                f"  [{task.name}/{case.id}] time: {name}"
+                + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else "")
+            )
+            r = _run_child(
+                python,
+                {**base, "lib": name, "mode": "time", "timing": settings, "memory": task.memory},
+                timeout_s,
+            )
+            if r.get("status") != "ok":
+                results[name].status = r.get("status", "error")
+                results[name].reason = r.get("reason", "")
+                continue
+            best = results[name].timing
+            if not best or r["timing"]["median_s"] < best["median_s"]:
+                results[name].timing = {**r["timing"], "rounds": rounds}
     load.append(os.getloadavg()[0])
     return CaseResult(task.name, case.id, params, "ok", "", list(results.values()), load)
 

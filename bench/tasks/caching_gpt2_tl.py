@@ -14,5 +14,5 @@ TASK = Task(
     rtol=1e-5,
     atol=1e-5,
     targets={"raw": 1.05},  # the issue sets no target vs TransformerLens
-    timing={"warmup": 2, "min_repeats": 10, "max_repeats": 50, "budget_s": 15.0},
+    timing={"warmup": 2, "min_repeats": 10, "max_repeats": 50, "budget_s": 10.0, "rounds": 3},
 )

@@ -185,5 +185,5 @@ TASK = Task(
     targets={"raw": 2.0},
     baseline="plain",
     memory=False,
-    timing={"warmup": 20, "min_repeats": 30, "max_repeats": 300, "budget_s": 3.0},
+    timing={"warmup": 20, "min_repeats": 30, "max_repeats": 300, "budget_s": 3.0, "rounds": 3},
 )

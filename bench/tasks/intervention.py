@@ -142,5 +142,5 @@ TASK = Task(
     rtol=1e-5,
     atol=1e-5,
     targets={"nnsight": 0.8},
-    timing={"warmup": 5, "min_repeats": 20, "max_repeats": 200, "budget_s": 5.0},
+    timing={"warmup": 5, "min_repeats": 20, "max_repeats": 200, "budget_s": 5.0, "rounds": 3},
 )

@@ -16,6 +16,7 @@ from torch import nn
 
 from .._harness import Case, Impl, Task
 from ..models import actor_critic
+from ._ours import OursAttribution
 
 ACTION = 2
 
@@ -47,18 +48,17 @@ def one_map_per_head(targets: Any, additional: Any) -> Any:
     )
 
 
-class Tdhook(Impl):
+class Tdhook(OursAttribution):
     """One ``IntegratedGradients`` call on the TensorDict model, both heads, separate maps."""
 
-    name = "tdhook"
+    key = "observation"
+    baseline = True
     label = "tdhook IntegratedGradients (one call)"
 
     def setup(self, params):
-        from tensordict import TensorDict
-
         from tdhook.attribution import IntegratedGradients
 
-        model, self.x = _build(params)
+        model, x = _build(params)
         ig = IntegratedGradients(
             init_attr_targets=heads,
             init_attr_grads=one_map_per_head,
@@ -66,19 +66,7 @@ class Tdhook(Impl):
             multiply_by_inputs=True,
             n_steps=params["n_steps"],
         )
-        self.context = ig.prepare(model)
-        self.hooked = self.context.__enter__()
-        self.td_class = TensorDict
-
-    def run(self):
-        x = self.x
-        td = self.td_class(
-            {"observation": x, ("baseline", "observation"): torch.zeros_like(x)}, batch_size=x.shape[:1]
-        )
-        self.attr = self.hooked(td)["attr", "observation"]
-
-    def output(self):
-        return self.attr
+        self.enter(ig, model, x)
 
 
 class _Head(nn.Module):

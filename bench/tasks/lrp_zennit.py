@@ -14,6 +14,7 @@ import torch
 
 from .._harness import Case, Impl, Task
 from ..models import sequential_mlp, vgg11_bn
+from ._ours import OursAttribution
 
 TARGET = 3
 
@@ -27,33 +28,21 @@ def _build(params: Any) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(params["batch"], 3, params["size"], params["size"], generator=gen)
 
 
-class Tdhook(Impl):
+class Tdhook(OursAttribution):
     """``LRP(rule_mapper=<composite>(), canonizers=[MergeBatchNorm()], targets=[3])``."""
 
-    name = "tdhook"
     label = "tdhook LRP"
 
     def setup(self, params):
-        from tensordict import TensorDict
-
         from tdhook.attribution import lrp
 
-        model, self.x = _build(params)
+        model, x = _build(params)
         mapper = getattr(lrp, params["composite"])()
         canonizers = [lrp.MergeBatchNorm()] if params["model"] == "cnn" else []
         method = lrp.LRP(
             rule_mapper=mapper, canonizers=canonizers, targets=[TARGET], warn_on_missing_rule=False
         )
-        self.context = method.prepare(model)
-        self.hooked = self.context.__enter__()
-        self.td_class = TensorDict
-
-    def run(self):
-        x = self.x
-        self.attr = self.hooked(self.td_class(input=x, batch_size=x.shape[:1]))["attr", "input"]
-
-    def output(self):
-        return self.attr
+        self.enter(method, model, x)
 
 
 class Zennit(Impl):

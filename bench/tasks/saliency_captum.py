@@ -13,6 +13,7 @@ import torch
 
 from .._harness import Case, Impl, Task
 from ..models import vgg11_bn
+from ._ours import OursAttribution
 
 TARGET = 3
 
@@ -24,18 +25,15 @@ def _build(params: Any) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, x
 
 
-class Tdhook(Impl):
+class Tdhook(OursAttribution):
     """``Saliency(targets=3)`` or ``SmoothGrad(Saliency(targets=3), n_samples, stdevs)``."""
 
-    name = "tdhook"
     label = "tdhook"
 
     def setup(self, params):
-        from tensordict import TensorDict
-
         from tdhook.attribution import Saliency, SmoothGrad
 
-        model, self.x = _build(params)
+        model, x = _build(params)
         method: Any = Saliency(targets=[TARGET])
         if params["method"] == "smoothgrad":
             method = SmoothGrad(
@@ -44,16 +42,7 @@ class Tdhook(Impl):
                 stdevs=params["stdevs"],
                 generator=torch.Generator().manual_seed(2),
             )
-        self.context = method.prepare(model)
-        self.hooked = self.context.__enter__()
-        self.td_class = TensorDict
-
-    def run(self):
-        x = self.x
-        self.attr = self.hooked(self.td_class(input=x, batch_size=x.shape[:1]))["attr", "input"]
-
-    def output(self):
-        return self.attr
+        self.enter(method, model, x)
 
 
 class Captum(Impl):

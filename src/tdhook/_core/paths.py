@@ -185,10 +185,11 @@ def iter_named_modules(
     classes_to_skip: tuple[type, ...] = (),
 ) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for submodules of ``root`` (root excluded) passing the class filters."""
+    filtered = classes_to_hook != (nn.Module,) or bool(classes_to_skip)
     for name, module in root.named_modules():
         if not name:
             continue
-        if isinstance(module, classes_to_hook) and not isinstance(module, classes_to_skip):
+        if not filtered or (isinstance(module, classes_to_hook) and not isinstance(module, classes_to_skip)):
             yield name, module  # type: ignore[misc]
 
 
@@ -230,8 +231,10 @@ def select_modules(
         raise NoMatchError(f"Invalid module pattern {pattern!r}: {err}") from None
     selected = []
     candidates = []
+    head = join_paths(prefix)
+    head = f"{head}." if head else ""  # join_paths(prefix, name), hoisted: torch's names have no edge dots
     for name, module in iter_named_modules(root, classes_to_hook, classes_to_skip):
-        full = join_paths(prefix, name)
+        full = head + name
         candidates.append(full)
         if regex.match(full):
             selected.append((full, module))

@@ -21,6 +21,7 @@ import torch
 
 from .._harness import Case, Impl, Task
 from ..models import mlp
+from ._ours import OursAttribution
 
 
 def _build(params: Any) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -38,38 +39,24 @@ def target_list(params: Any) -> list[int]:
     return list(range(params["k"]))
 
 
-class Tdhook(Impl):
+class Tdhook(OursAttribution):
     """``IntegratedGradients(targets=..., separate_targets=..., multiply_by_inputs=True)``."""
 
-    name = "tdhook"
     label = "tdhook IntegratedGradients"
+    baseline = True
 
     def setup(self, params):
-        from tensordict import TensorDict
-
         from tdhook.attribution import IntegratedGradients
 
         model, x = _build(params)
-        targets = target_list(params)
         ig = IntegratedGradients(
-            targets=targets,
+            targets=target_list(params),
             separate_targets=params["mode"] == "separate",
             multiply_by_inputs=True,
             n_steps=params["n_steps"],
             chunk_size=params.get("chunk"),
         )
-        self.context = ig.prepare(model)
-        self.hooked = self.context.__enter__()
-        self.x = x
-        self.td_class = TensorDict
-
-    def run(self):
-        x = self.x
-        td = self.td_class({"input": x, ("baseline", "input"): torch.zeros_like(x)}, batch_size=x.shape[:1])
-        self.attr = self.hooked(td)["attr", "input"]
-
-    def output(self):
-        return self.attr
+        self.enter(ig, model, x)
 
 
 class Captum(Impl):

@@ -269,3 +269,36 @@ def test_sklearn_partial_fit_estimators_and_refusal(model, data) -> None:
         hooked(data)
     with pytest.raises(ProbingError, match="has no all_reduce"):
         manager.all_reduce()
+
+
+class _NanAfter(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_non_finite_activations_name_the_layer(data) -> None:
+    """A NaN layer: tdhook's estimators name the module in the message, scikit-learn's get a note."""
+    from tdhook.latent.stats import NonFiniteInputError, StreamingLinearRegression
+
+    model = nn.Sequential(nn.Linear(4, 8), _NanAfter(), nn.Linear(8, 1))
+    manager = ProbeManager(StreamingLinearRegression, {}, r2)
+    batch = data.clone()
+    batch["step_type"] = "partial_fit"
+    with (
+        pytest.raises(NonFiniteInputError, match=r"probe on module '1' \(fwd\): X contains 512 non-finite"),
+        Probing(r"1$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
+            model
+        ) as hooked,
+    ):
+        hooked(batch)
+    assert not model[1]._forward_hooks
+    manager = ProbeManager(LinearRegression, {}, r2)
+    batch["step_type"] = "fit"
+    with (
+        pytest.raises(ValueError, match="NaN") as info,
+        Probing(r"1$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
+            model
+        ) as hooked,
+    ):
+        hooked(batch)
+    assert "raised by the probe on module '1' (fwd)" in info.value.__notes__

@@ -14,6 +14,7 @@ from ..._core.context import HookedModule, HookingContextFactory
 from ..._core.hooks import HookDirection, HookSpec, _default_value
 from ..._core.keys import check_keys
 from ..._core.paths import select_modules
+from ...errors import TdhookError
 
 __all__ = ["Probing"]
 
@@ -45,9 +46,30 @@ class _ProbeHook:
     probe: Any
     direction: HookDirection
     extras: _Extras
+    name: str = ""
 
     def __call__(self, *args: Any) -> None:
-        self.probe.step(_default_value(self.direction, args), **self.extras.items)
+        try:
+            self.probe.step(_default_value(self.direction, args), **self.extras.items)
+        except Exception as err:
+            named = _naming_the_module(err, self.name, self.direction)
+            if named is err:
+                raise
+            raise named from err
+
+
+def _naming_the_module(err: Exception, name: str, direction: HookDirection) -> Exception:
+    """``err`` with the probed module named: a tdhook error's message gets it as a prefix (same
+    class); any other exception (e.g. scikit-learn's ``ValueError`` on NaN) keeps its message and
+    gets a note."""
+    where = f"probe on module {name!r} ({direction.value})"
+    if isinstance(err, TdhookError):
+        try:
+            return type(err)(f"{where}: {err}")
+        except TypeError:  # an error class with another constructor: fall back to a note
+            pass
+    err.add_note(f"raised by the {where}")
+    return err
 
 
 class Probing(HookingContextFactory):
@@ -128,7 +150,7 @@ class Probing(HookingContextFactory):
         for direction in self._directions:
             for name, module in selected:
                 probe = self._probe_factory(name, direction.value)
-                specs.append(HookSpec(module, _ProbeHook(probe, direction, self._extras), direction))
+                specs.append(HookSpec(module, _ProbeHook(probe, direction, self._extras, name), direction))
         return specs
 
     def _call(

@@ -3,6 +3,7 @@
 from ._caching import ActivationCaching
 from ._patching import ActivationPatching
 from ._steering import ActivationAddition, SteeringVectors
+from ._store import ActivationStore
 from .dimension import LocalKnnDimensionEstimator, TwoNnDimensionEstimator
 from .probing import (
     BilinearProbe,
@@ -20,6 +21,7 @@ __all__ = [
     "ActivationAddition",
     "ActivationCaching",
     "ActivationPatching",
+    "ActivationStore",
     "BilinearProbe",
     "BilinearProbeManager",
     "CkaEstimator",

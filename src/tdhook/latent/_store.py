@@ -65,7 +65,9 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         keys = None if self._data is None else sorted(map(str, self._data.keys(True, True)))
-        return f"{type(self).__name__}({str(self.path)!r}, count={self._count}/{self.num_samples}, keys={keys})"
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, count={self._count}/{self.num_samples}, keys={keys})"
+        )
 
     def __enter__(self) -> ActivationStore:
         return self
@@ -175,4 +177,3 @@ class ActivationStore:
     def _write_info(self) -> None:
         info = {"count": self._count, "num_samples": self.num_samples}
         (self.path / _INFO).write_text(json.dumps(info))
-

@@ -317,3 +317,20 @@ def test_callback_check_is_remembered_per_code_but_not_for_wrappers() -> None:
     check_callback(good, HookDirection.FWD)
     with pytest.raises(HookSignatureError, match="missing required parameters"):
         check_callback(bad, HookDirection.FWD)
+
+
+def test_set_callback_receives_every_hook_argument_by_keyword(net, td) -> None:
+    hooked = HookedModule.from_module(net, ["input"], ["output"])
+    seen = {}
+
+    def callback(module, args, output, value, direction):
+        seen.update(module=module, args=args, output=output, value=value, direction=direction)
+        return output * 0
+
+    with hooked.run(td.clone()) as run:
+        run.set("linear1", torch.ones(1), callback=callback)
+    assert seen["module"] is net.linear1
+    torch.testing.assert_close(seen["args"][0], td["input"])
+    torch.testing.assert_close(seen["output"], net.linear1(td["input"]))
+    torch.testing.assert_close(seen["value"], torch.ones(1))
+    assert seen["direction"] == "fwd"

@@ -127,3 +127,20 @@ def test_select_no_match_raises_with_names(net: Net) -> None:
 def test_join_paths() -> None:
     assert join_paths("td_module", "", "module") == "td_module.module"
     assert join_paths("td_module", None) == "td_module"
+
+
+def test_module_list_indexing_matches_its_getitem() -> None:
+    """The ModuleList shortcut of resolve_path: same module as ``list[i]``, same refusals."""
+    layers = nn.ModuleList([nn.Linear(1, 1) for _ in range(4)])
+    del layers[1]  # ModuleList renumbers its keys
+    root = nn.Module()
+    root.layers = layers
+    for i in range(-3, 3):
+        assert resolve_path(root, f"layers[{i}]") is layers[i]
+    for bad in (3, -4):
+        with pytest.raises(IndexError):
+            layers[bad]
+        with pytest.raises(
+            ModulePathError, match=rf"'layers' has no submodule {bad} \(IndexError: index {bad}"
+        ):
+            resolve_path(root, f"layers[{bad}]")

@@ -482,7 +482,14 @@ class SettingHook:
         if isinstance(value, CacheProxy):
             value = value.resolve()
         if self.callback is not None:
-            value = self.callback(**_named(self.direction, args), value=value, direction=self.direction.value)
+            if self.direction is _FWD:  # the common case, without building the keyword dict
+                value = self.callback(
+                    module=args[0], args=args[1], output=original, value=value, direction="fwd"
+                )
+            else:
+                value = self.callback(
+                    **_named(self.direction, args), value=value, direction=self.direction.value
+                )
         new = _fit_replacement(value, original, self.direction)
         if new is None:
             return None

@@ -115,11 +115,11 @@ def _step(obj: nn.Module, step: PathStep) -> object:
         if isinstance(obj, TensorDictModule):  # like attribute access, indexing reaches the wrapped module
             obj = obj.module
         if type(obj) is nn.ModuleList:  # ModuleList's own __getitem__, without its index helpers
-            registry = obj._modules
-            index = step + len(registry) if step < 0 else step
-            if not 0 <= index < len(registry):
+            children = obj._modules
+            index = step + len(children) if step < 0 else step
+            if not 0 <= index < len(children):
                 raise IndexError(f"index {step} is out of range")
-            return registry[str(index)]  # a ModuleList keeps its keys "0".."n-1"
+            return children[str(index)]  # a ModuleList keeps its keys "0".."n-1"
         if isinstance(obj, (nn.Sequential, nn.ModuleList)):
             return obj[step]
         return list(obj.children())[step]

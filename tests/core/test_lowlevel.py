@@ -334,3 +334,22 @@ def test_set_callback_receives_every_hook_argument_by_keyword(net, td) -> None:
     torch.testing.assert_close(seen["output"], net.linear1(td["input"]))
     torch.testing.assert_close(seen["value"], torch.ones(1))
     assert seen["direction"] == "fwd"
+
+
+def test_hooking_a_module_list_warns() -> None:
+    from tdhook.errors import TdhookWarning
+
+    class WithList(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    hooked = HookedModule.from_module(WithList())
+    with pytest.warns(TdhookWarning, match=r"hooking a ModuleList \(blocks\), which will never be executed"):
+        hooked.register_submodule_hook("blocks", lambda *a: None).remove()
+    with pytest.warns(TdhookWarning, match="hooking a ModuleList"), hooked.run(torch.ones(1, 2)) as run:
+        proxy = run.save("blocks")
+    assert proxy.resolve() is None  # never called

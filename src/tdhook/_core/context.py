@@ -308,15 +308,20 @@ class HookedModule(TensorDictModuleWrapper):
         relative: bool = True,
     ):
         """Register ``hook`` on the submodule at ``key`` and return torch's handle."""
-        direction = HookDirection.parse(direction)
+        return register(
+            self._hook_target(key, relative), hook, HookDirection.parse(direction), prepend=prepend
+        )
+
+    def _hook_target(self, key: str, relative: bool) -> nn.Module:
+        """The submodule at ``key``, with a warning when it is a ModuleList (never called itself)."""
         module = self.resolve(key, relative=relative)
         if isinstance(module, nn.ModuleList):
             warnings.warn(
                 f"You are hooking a ModuleList ({key}), which will never be executed.",
                 TdhookWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        return register(module, hook, direction, prepend=prepend)
+        return module
 
     def set(
         self,
@@ -493,9 +498,11 @@ class HookedModuleRun:
         relative: bool,
     ) -> CacheProxy:
         """Register a hook writing ``key``'s value to the run's dict; the hot path of ``get``/``save``."""
-        check_callback(callback, direction, ("key", "direction"))
+        if callback is not None:
+            check_callback(callback, direction, ("key", "direction"))
         hook = StoringHook(cache_key, self._store, direction, callback)
-        self._handles.append(self._module.register_submodule_hook(key, hook, direction, prepend, relative))
+        module = self._module._hook_target(key, relative)
+        self._handles.append(register(module, hook, direction, prepend=prepend))
         return CacheProxy(cache_key, self._store_ref)
 
     def _check(self, name: str) -> None:

@@ -263,7 +263,7 @@ forward took 138 and 136 ms; in separate processes, 116 and 130 ms).
 | composed actor-critic IG, 2 maps (b100, b1000) | captum, 2 wrappers 0.46, 0.54 | 1.04, 1.07 | ≤ 1.1 ✓ |
 | caching GPT-2: 12 blocks (1, 64), (4, 256); every submodule (1, 64) | nnsight 0.99, 0.99, 1.00 | 1.03, 0.99, 1.00 | ≤ 1.05 vs raw ✓, ≤ 0.8 vs nnsight ✗ |
 | caching GPT-2, same cases, TransformerLens env | TransformerLens 0.95, 0.95, 0.89 | 1.01, 0.97, 1.01 | ≤ 1.05 vs raw ✓ |
-| hook overhead, 0 / 1 / 12 saves (µs above the forward) | +1.9 / +7.2 / +58.7; nnsight +56 / +66 / +122 | raw −0.4 / +3.3 / +33.1: — / 2.17 / 1.77 | ≤ 2 ✓ at 12, ✗ at 1 |
+| hook overhead, 0 / 1 / 12 saves (µs above the forward; the last two runs) | +1.9–3.8 / +7.2–7.7 / +58.7–61.6; nnsight +54–56 / +66 / +120–122 | raw −0.4–1.0 / +2.2–3.3 / +33.1–36.2: — / 2.2–3.5 / 1.70–1.77 | ≤ 2 ✓ at 12, ✗ at 1 |
 | intervention, w256 b100 k 5 / 50, w1000 b1000 k 5 | nnsight 0.89 / 0.89 / 1.00 | 1.02 / 1.13 / 1.01 | ≤ 0.8 ✗ |
 
 - **IG vs captum.** Ours is at the raw-autograd limit (0.98–1.05): one forward over all steps
@@ -277,7 +277,8 @@ forward took 138 and 136 ms; in separate processes, 116 and 130 ms).
   speed of raw hooks (raw / nnsight 0.96–1.01), and 0.8 would need a forward 20% faster than
   plain torch.
 - **Low-level `run` API (hook overhead).** This session's core changes took it from
-  +6 / +30 / +143 µs to +1.9 / +7.2 / +58.7 µs at 0 / 1 / 12 saves: a run's values go to a
+  +6 / +30 / +143 µs to +1.9–3.8 / +7.2–7.7 / +58.7–61.6 µs at 0 / 1 / 12 saves (two runs of
+  the task, 3 processes each; the table below is the later one): a run's values go to a
   plain dict (the TensorDict is built only if `run.cache` is read), a one-tensor call of a
   wrapped plain model runs the model directly instead of `TensorDictModule`'s
   pack-call-unpack (~17 µs), the run calls `forward` rather than `nn.Module.__call__` when
@@ -285,11 +286,12 @@ forward took 138 and 136 ms; in separate processes, 116 and 130 ms).
   read from its key registry, and callback signature checks are remembered per code object. A
   save now costs about 4.3 µs against 2.5 µs for a bare `register_forward_hook` + call +
   `remove()`: path resolution 0.4, our registration wrapper 0.5, the hook value and its proxy
-  0.4, argument handling ~0.5. That is 1.77× at 12 saves ✓; at 1 save the run's fixed ~2 µs
-  (object, `with`, grad-mode and hook-presence checks) makes it +7.2 against +3.3 µs (2.17× ✗,
-  4 µs absolute), and at 0 saves both are within the 1–2 µs by which the plain forward itself
-  varies between processes (raw hooks measured −0.4 µs). nnsight 0.8 costs 9× ours at 1 save and
-  2× at 12; tdhook 0.1.3 cost +325 / +2159 µs on this kind of machine.
+  0.4, argument handling ~0.5. That is 1.70–1.77× at 12 saves ✓; at 1 save the run's fixed
+  ~2 µs (object, `with`, grad-mode and hook-presence checks) makes it +7.2–7.7 against +2.2–3.3 µs
+  (2.2–3.5× ✗, 4–5 µs absolute): at this size the ratio moves with each process's luck (the
+  raw hooks' own overhead went from −0.4 to +1.0 µs at 0 saves between the two runs). nnsight
+  0.8 costs 9× ours at 1 save and 2× at 12; tdhook 0.1.3 cost +325 / +2159 µs on this kind of
+  machine.
 - **Intervention.** Ours is within 2% of raw hooks at k = 5 and 13% at k = 50 (≈ 2.5 µs per
   `set` with a callback above a raw hook, down from 3.7: the callback is called with the hook's
   arguments by keyword, and the replacement is checked against the original). The ≤ 0.8 target

@@ -64,10 +64,12 @@ def test_moments_match_torch_mean_and_cov(width):
 @pytest.mark.parametrize("width", [4, 130])
 def test_moments_merge_and_state_round_trip(width):
     x = _randn(300, width, seed=3, dtype=torch.float32)
+    kept = x.clone()
     left, right = StreamingMoments().update(x[:120]), StreamingMoments().update(x[120:])
     merged = StreamingMoments().merge(left).merge(right).update(x[:0])
     whole = StreamingMoments().update(x)
     torch.testing.assert_close(whole.covariance(), torch.cov(x.double().T))
+    assert torch.equal(x, kept)  # only the float64 copy is centred in place
     torch.testing.assert_close(merged.mean, whole.mean)
     torch.testing.assert_close(merged.covariance(), whole.covariance())
     assert merged.mean.dtype == torch.float64

@@ -459,15 +459,19 @@ class HookedModuleRun:
         if self._cache is None:
             self._cache = TensorDict()
             self._cache_mirrors_store = True
-        if self._cache_mirrors_store:
-            for key, value in self._store.items():
-                self._cache.set(key, value)
+        self._mirror_store()
         return self._cache
 
     @cache.setter
     def cache(self, value: TensorDictBase) -> None:
         self._cache = value
         self._cache_mirrors_store = False
+
+    def _mirror_store(self) -> None:
+        """Copy the run's dict into the TensorDict that ``cache`` built from it (if it did)."""
+        if self._cache_mirrors_store and self._cache is not None:
+            for key, value in self._store.items():
+                self._cache.set(key, value)
 
     def __enter__(self) -> HookedModuleRun:
         self._active = True
@@ -485,8 +489,7 @@ class HookedModuleRun:
         finally:
             self._active = False
             self._handles.remove()
-        if self._cache_mirrors_store:  # ``cache`` was read inside the body: bring it up to date
-            self.cache  # noqa: B018
+        self._mirror_store()  # ``cache`` read inside the body: bring it up to date
 
     def _store_hook(
         self,

@@ -383,7 +383,7 @@ def _check_storable(value: Any, key: Any) -> None:
 def _hook_value(direction: HookDirection, callback: Callable[..., Any] | None, key: Any, args: tuple) -> Any:
     """The value a storing hook keeps: the hooked one, or ``callback(...)``'s; checked storable."""
     if callback is None:
-        value = _unwrap(args[_VALUE_INDEX[direction]])
+        value = _default_value(direction, args)
     else:
         value = callback(**_named(direction, args), key=key, direction=direction.value)
     _check_storable(value, key)

@@ -109,7 +109,8 @@ class StreamingMoments:
         x = _as_matrix(x, name="x")
         if x.shape[0] == 0:
             return self
-        return self._update(x.to(self.dtype), owned=False)
+        converted = x.to(self.dtype)
+        return self._update(converted, owned=converted is not x)  # a converted copy is ours to centre
 
     def _update(self, x: Tensor, *, owned: bool) -> StreamingMoments:
         """Fold in a non-empty ``(n, D)`` batch already in ``self.dtype``; ``owned``: it may be centred in place."""

@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,probing,rl,plot]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,probing,rl,plot,hf]"
 	touch $@
 
 venv: $(BIN)/.installed

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests build Hugging Face models from configs: never download
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 import pytest
 import torch
 from tensordict import TensorDict

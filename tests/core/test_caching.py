@@ -83,20 +83,60 @@ def test_pattern_matching_nothing_raises(net) -> None:
     assert not net.linear1._forward_hooks
 
 
-def test_tuple_output_needs_callback() -> None:
+def test_tuple_output_stored_as_nested_entries() -> None:
     class Block(torch.nn.Module):
         def forward(self, x):
             return x, x + 1
 
     model = torch.nn.Sequential(Block())
     td = TensorDict(input=torch.ones(2, 3), batch_size=[2])
-    with (
-        pytest.raises(RuntimeError, match="tuple values are not supported for caching"),
-        ActivationCaching("0").prepare(model, out_keys=["a", "b"]) as hooked,
-    ):
+    with ActivationCaching("0").prepare(model, out_keys=["a", "b"]) as hooked:
         hooked(td)
+    cache = hooked.hooking_context.cache
+    assert torch.equal(cache["0", "0"], torch.ones(2, 3))
+    assert torch.equal(cache["0", "1"], torch.full((2, 3), 2.0))
     with ActivationCaching("0", callback=lambda output, **_: output[1]).prepare(
         model, out_keys=["a", "b"]
     ) as hooked:
         hooked(td)
     assert torch.equal(hooked.hooking_context.cache["0"], torch.full((2, 3), 2.0))
+
+
+def test_structured_values_rule() -> None:
+    """None and non-tensor leaves are left out; a value with no tensor is not stored; mappings nest."""
+
+    class Structured(torch.nn.Module):
+        def forward(self, x):
+            return {"a": x, "b": (None, x * 2, "text"), "c": None}
+
+    class Nothing(torch.nn.Module):
+        def forward(self, x):
+            return None, 3
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = Structured()
+            self.n = Nothing()
+
+        def forward(self, x):
+            self.n(x)
+            return self.s(x)["a"]
+
+    x = torch.randn(2, 3)
+    with ActivationCaching(".*", accumulate=True).prepare(Model()) as hooked:
+        hooked(TensorDict(input=x, batch_size=[2]))
+        hooked(TensorDict(input=x, batch_size=[2]))
+    cache = hooked.hooking_context.cache
+    assert set(cache.keys(True, True)) == {("s", "a"), ("s", "b", "1")}
+    torch.testing.assert_close(cache["s", "b", "1"], torch.cat([x, x]) * 2)
+
+
+def test_accumulate_along_sequence(net) -> None:
+    seq = torch.randn(2, 5, 4)
+    with ActivationCaching("linear1$", accumulate=True, accumulate_dim=1).prepare(net) as hooked:
+        for t in range(5):
+            hooked(TensorDict(input=seq[:, t : t + 1], batch_size=[2]))
+    torch.testing.assert_close(hooked.hooking_context.cache["linear1"], net.linear1(seq))
+    with pytest.raises(TypeError, match="accumulate_dim must be an int"):
+        ActivationCaching("linear1", accumulate_dim=True)

@@ -19,7 +19,7 @@ from types import FunctionType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -42,6 +42,7 @@ __all__ = [
     "TensorDictRef",
     "check_callback",
     "install",
+    "nested_storable",
     "register",
 ]
 
@@ -390,6 +391,47 @@ def _hook_value(direction: HookDirection, callback: Callable[..., Any] | None, k
     return value
 
 
+def nested_storable(value: Any) -> torch.Tensor | TensorDictBase | None:
+    """The storage rule of pattern caching (``ActivationCaching``) for one hook value.
+
+    * a tensor or a TensorDict is stored as it is;
+    * a tuple or a list becomes a TensorDict keyed ``"0"``, ``"1"``... by position, a mapping
+      (``dict``, a Hugging Face ``ModelOutput``) a TensorDict keyed by ``str(key)``; recursively;
+    * ``None`` and every other value (numbers, strings, key-value cache objects) are left out;
+    * a container with nothing left is not stored: the result is ``None``.
+
+    A GPT-2 attention module's ``(attn_output, None)`` is thus stored as ``{"0": attn_output}``,
+    and a ``CausalLMOutput`` as ``{"logits": ...}`` (its ``past_key_values`` object is left out).
+    """
+    if isinstance(value, (torch.Tensor, TensorDictBase)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items: Iterable[tuple[Any, Any]] = enumerate(value)
+    elif isinstance(value, Mapping):
+        items = value.items()
+    else:
+        return None
+    leaves = {}
+    for name, item in items:
+        leaf = nested_storable(item)
+        if leaf is not None:
+            leaves[str(name)] = leaf
+    return TensorDict(leaves, batch_size=[]) if leaves else None
+
+
+def _concat(previous: Any, value: Any, dim: int) -> Any:
+    """``torch.cat([previous, value], dim)``, leaf by leaf for nested values."""
+    if isinstance(previous, TensorDictBase) and isinstance(value, TensorDictBase) and not previous.batch_dims:
+        if set(previous.keys(True, True)) != set(value.keys(True, True)):
+            raise HookValueError(
+                f"Cannot accumulate a structured value whose entries changed between calls: "
+                f"{sorted(map(str, previous.keys(True, True)))} then {sorted(map(str, value.keys(True, True)))}. "
+                "Cache one entry with a `callback`, e.g. `lambda output, **_: output[0]`."
+            )
+        return previous.apply(lambda p, v: torch.cat([p, v.to(p.device)], dim=dim), value)
+    return torch.cat([previous, value.to(previous.device)], dim=dim)
+
+
 @dataclass(slots=True)  # not frozen: frozen dataclasses build ~5x slower, on the run() hot path
 class StoringHook:
     """Store the hooked value (or ``callback(...)``) in a plain dict, ``store[key]``.
@@ -425,16 +467,30 @@ class CachingHook:
     callback: Callable[..., Any] | None = None
     detach: bool = False
     accumulate: bool = False
+    #: Store structured values by :func:`nested_storable` (skipping those with no tensor)
+    #: instead of refusing them.
+    nested: bool = False
+    #: The dimension ``accumulate`` concatenates along (0: calls over batches; 1: the steps of
+    #: a generation with a key-value cache).
+    accumulate_dim: int = 0
 
     def __call__(self, *args: Any) -> None:
-        value = _hook_value(self.direction, self.callback, self.key, args)
+        if self.nested:
+            value = (
+                _default_value(self.direction, args) if self.callback is None else self._callback_value(args)
+            )
+            value = nested_storable(value)
+            if value is None:
+                return
+        else:
+            value = _hook_value(self.direction, self.callback, self.key, args)
         if self.detach:
             value = value.detach()
         cache = _resolve_cache(self.cache)
         if self.accumulate:
             previous = cache.get(self.key, None)
             if previous is not None:
-                value = torch.cat([previous, value.to(previous.device)], dim=0)
+                value = _concat(previous, value, self.accumulate_dim)
         if cache.is_locked:  # e.g. memory-mapped: write in place into the preallocated entry
             if self.key not in cache.keys(include_nested=True):
                 raise HookValueError(
@@ -444,6 +500,10 @@ class CachingHook:
             cache.set_(self.key, value)
         else:
             cache.set(self.key, value)
+
+    def _callback_value(self, args: tuple[Any, ...]) -> Any:
+        assert self.callback is not None
+        return self.callback(**_named(self.direction, args), key=self.key, direction=self.direction.value)
 
 
 def _fit_replacement(value: Any, original: Any, direction: HookDirection) -> Any:

@@ -10,6 +10,7 @@ from tensordict import TensorDictBase
 from .._core.context import HookedModule, HookingContext, HookingContextFactory, HookingContextWithCache
 from .._core.hooks import CachingHook, HookDirection, HookSpec, check_callback
 from .._core.paths import select_modules
+from ..errors import InvalidInputError
 
 __all__ = ["ActivationCaching"]
 
@@ -26,16 +27,26 @@ class ActivationCaching(HookingContextFactory):
             False). A pattern that matches nothing raises.
         relative: Match relative (True) or absolute names.
         cache: A TensorDict to write into, used by reference.
-        callback: ``callback(module, args, output, key, direction)`` returning the tensor (or
-            TensorDict) to store; needed for tuple outputs, e.g. ``lambda output, **_: output[0]``.
+        callback: ``callback(module, args, output, key, direction)`` returning the value to
+            store, e.g. ``lambda output, **_: output[0]`` to keep one entry of a tuple.
         directions: Hook points, among ``"fwd"``, ``"fwd_pre"``, ``"bwd"``, ``"bwd_pre"`` (and the
             ``_kwargs`` variants). Defaults to ``["fwd"]``.
         use_nested_keys: Store under ``(direction, name)`` rather than ``name`` (always the case
             with several directions).
         clear_cache: Clear the cache at every enter.
-        accumulate: Concatenate along the first (batch) dimension across calls, instead of
-            overwriting, so a dataset can be cached batch by batch.
+        accumulate: Concatenate along ``accumulate_dim`` across calls, instead of overwriting,
+            so a dataset can be cached batch by batch.
         detach: Store detached tensors (no graph is kept alive).
+        accumulate_dim: The dimension ``accumulate`` concatenates along: 0 (the batch) for a
+            dataset, 1 (the sequence) for the steps of ``model.generate`` with a key-value cache,
+            which gives the activations of the whole generated sequence.
+
+    Structured values (one rule, :func:`~tdhook._core.hooks.nested_storable`): a tensor or a
+    TensorDict is stored as it is; a tuple or list becomes nested entries ``"0"``, ``"1"``...,
+    a mapping (a Hugging Face ``ModelOutput``) nested entries by key, recursively; ``None`` and
+    other non-tensor values (key-value cache objects) are left out, and a value with no tensor
+    at all is not stored. So ``ActivationCaching(".*")`` works on transformers: a GPT-2 attention
+    module's ``(attn_output, None)`` is stored at ``(name, "0")``.
 
     Examples:
         >>> import torch
@@ -61,6 +72,7 @@ class ActivationCaching(HookingContextFactory):
         *,
         accumulate: bool = False,
         detach: bool = False,
+        accumulate_dim: int = 0,
     ) -> None:
         self.key_pattern = key_pattern
         self._relative = relative
@@ -73,6 +85,11 @@ class ActivationCaching(HookingContextFactory):
         self._nested = use_nested_keys or len(self._directions) > 1
         self._accumulate = accumulate
         self._detach = detach
+        if isinstance(accumulate_dim, bool) or not isinstance(accumulate_dim, int):
+            raise InvalidInputError(
+                f"accumulate_dim must be an int (0: batch, 1: sequence), got {accumulate_dim!r}."
+            )
+        self._accumulate_dim = accumulate_dim
 
     @property
     def key_pattern(self) -> str:
@@ -96,6 +113,15 @@ class ActivationCaching(HookingContextFactory):
         for direction in self._directions:
             for name, module in select_modules(root, self._key_pattern):
                 key = (direction.value, name) if self._nested else name
-                hook = CachingHook(key, cache, direction, self._callback, self._detach, self._accumulate)
+                hook = CachingHook(
+                    key,
+                    cache,
+                    direction,
+                    self._callback,
+                    self._detach,
+                    self._accumulate,
+                    nested=True,
+                    accumulate_dim=self._accumulate_dim,
+                )
                 specs.append(HookSpec(module, hook, direction))
         return specs

@@ -27,6 +27,8 @@ __all__ = [
     "metrics",
     "modules",
     "plotting",
+    "session",
+    "targets",
     "weights",
 ]
 

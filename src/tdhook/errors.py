@@ -21,6 +21,7 @@ __all__ = [
     "NoMatchError",
     "NotFittedError",
     "ProbingError",
+    "TargetError",
     "TdhookError",
     "TdhookWarning",
     "nearest",
@@ -68,6 +69,10 @@ class InvalidInputError(TdhookError, TypeError):
 
 class ProbingError(TdhookError, ValueError):
     """Probing was misconfigured (missing labels or step type, duplicate probe...)."""
+
+
+class TargetError(TdhookError, ValueError):
+    """A :class:`~tdhook.targets.Target` is malformed, or does not fit the model or the value it selects from."""
 
 
 class NotFittedError(TdhookError, ValueError, AttributeError):

@@ -107,7 +107,7 @@ def test_no_intermediate_keys_and_outputs_at_the_input(mlp):
     """tdhook 0.1 bug: IG left _register_in/_mod_in/_mod_out in the caller's TensorDict."""
     x = torch.randn(5, 4)
     td = _data(x, torch.zeros(5, 4))
-    out = _run(IntegratedGradients(clean_intermediate_keys=False), mlp, td)
+    out = _run(IntegratedGradients(), mlp, td)
     assert out is td
     assert set(td.keys(include_nested=True, leaves_only=True)) == {
         "input",
@@ -116,6 +116,27 @@ def test_no_intermediate_keys_and_outputs_at_the_input(mlp):
         ("attr", "input"),
     }
     torch.testing.assert_close(td["output"], mlp(x))
+
+
+def test_unclean_writes_the_interpolated_outputs_at_mod_out(mlp):
+    """Addendum §2 P2: clean_intermediate_keys=False adds ("_mod_out", k), batch (*B, n_steps)."""
+    x, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    td = TensorDict(input=x, batch_size=[2, 3])
+    td["baseline", "input"] = b
+    ig = IntegratedGradients(clean_intermediate_keys=False, n_steps=4, method="riemann_left", chunk_size=3)
+    _run(ig, mlp, td)
+    assert set(td.keys(include_nested=True, leaves_only=True)) == {
+        "input",
+        "output",
+        ("baseline", "input"),
+        ("attr", "input"),
+        ("_mod_out", "output"),
+    }
+    alphas = torch.tensor([0.0, 0.25, 0.5, 0.75]).view(1, 1, 4, 1)
+    points = b.unsqueeze(2) + alphas * (x - b).unsqueeze(2)  # (2, 3, 4 steps, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(td["_mod_out", "output"], mlp(points))
+        torch.testing.assert_close(td["output"], mlp(x))
 
 
 def test_layer_ig_through_embedding_matches_captum():

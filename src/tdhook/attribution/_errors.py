@@ -46,11 +46,14 @@ class AttributionKeys:
         attr: Default root of the results, ``(attr, in_key)`` / ``(attr, module_key)``.
         baseline: Root of the baselines, ``(baseline, in_key)`` (or ``(baseline, module_key)``).
         convergence_delta: Top-level key of IG's completeness error.
+        mod_out: Root of the model outputs written with ``clean_intermediate_keys=False``
+            (tdhook 0.1's ``("_mod_out", out_key)``).
     """
 
     attr: str = "attr"
     baseline: str = "baseline"
     convergence_delta: str = "convergence_delta"
+    mod_out: str = "_mod_out"
 
 
 KEYS = AttributionKeys()

@@ -46,6 +46,8 @@ intermediate key is ever written into it.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +70,149 @@ __all__ = [
 
 #: ``f(td, additional) -> TensorDict``: the signature of every ``init_attr_*`` callback.
 AttrCallback = Callable[[TensorDictBase, TensorDictBase], TensorDictBase]
+
+
+#: ``targets=``: an output index, a list of indices (summed, or one map each with
+#: ``separate_targets``), or an integer tensor with one index per sample (captum's ``target=``).
+TargetsArg = int | Sequence[int] | torch.Tensor | None
+
+
+def parse_targets(targets: Any, separate: bool = False) -> int | list[int] | torch.Tensor | None:
+    """Validate ``targets=`` once, at construction, and give it one meaning.
+
+    * ``None``: every output element (the gradient of their sum);
+    * an ``int`` (or a 0-dim integer tensor): that index of the last output dimension;
+    * a list/tuple of ints: those indices, summed (one map each with ``separate_targets``);
+    * an integer tensor with one or more dimensions: **per-sample** indices, one per sample
+      (shape ``B``, or ``(prod(B),)``), as captum's ``target=`` tensor.
+
+    Raises:
+        TargetError: For a string, a float, a bool, a non-integer tensor, an empty list, or a
+            per-sample tensor combined with ``separate_targets`` (a ``ValueError``).
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, torch.Tensor):
+        if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+            raise TargetError(
+                f"targets tensor has dtype {targets.dtype}, expected integer class indices. Convert it: "
+                "targets=labels.long()."
+            )
+        if targets.dim() == 0:
+            return int(targets)
+        if separate:
+            raise TargetError(
+                f"separate_targets=True takes a list of output indices, not a per-sample tensor (got shape "
+                f"{tuple(targets.shape)}). Use targets=[i, j, ...] with separate_targets, or the tensor alone."
+            )
+        return targets.detach().long()
+    if isinstance(targets, (str, bytes)):
+        raise TargetError(
+            f"targets={targets!r} is a string; expected an int output index, a list of ints, or an integer "
+            f"tensor with one index per sample. Write targets=int({targets!r}) if you mean one index."
+        )
+    if isinstance(targets, Sequence) or (hasattr(targets, "__iter__") and not isinstance(targets, Mapping)):
+        values = list(targets)
+        if not values:
+            raise TargetError("targets is empty; pass at least one output index, or None.")
+        return [_target_index(v) for v in values]
+    return _target_index(targets)
+
+
+def _target_index(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TargetError(
+            f"targets entry {value!r} is a bool; expected an int output index (e.g. targets=1)."
+        )
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TargetError(
+            f"targets entry {value!r} ({type(value).__name__}) is not an int output index; a float is never "
+            "rounded. Pass int indices (targets=[3]) or an integer tensor with one index per sample."
+        ) from None
+
+
+def module_names(value: Any, what: str) -> list[str]:
+    """A list of module paths: one string is ONE path (never its characters).
+
+    Raises:
+        AttributionError: For an entry that is not a string (a ``ValueError``).
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value)
+    if not isinstance(value, Iterable):
+        raise AttributionError(
+            f"{what} must be a module path or a list of module paths, got {type(value).__name__} {value!r}."
+        )
+    names = list(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise AttributionError(
+            f"{what} must hold module paths (strings), got {bad[0]!r} ({type(bad[0]).__name__}) in {names!r}. "
+            f"Write {what}=['fc1', ...]."
+        )
+    return names
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Refuse a floating tensor holding NaN or Inf (its attributions would be NaN).
+
+    Raises:
+        AttributionError: Naming ``what`` and the count of bad entries (a ``ValueError``).
+    """
+    if not (torch.is_floating_point(value) or torch.is_complex(value)):
+        return
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise AttributionError(
+            f"{what} holds {bad} NaN/Inf value(s) out of {value.numel()}; its attributions would be NaN. "
+            "Clean it (torch.nan_to_num), or pass check_finite=False to skip this check."
+        )
+
+
+def check_per_sample_targets(index: torch.Tensor, batch: torch.Size) -> None:
+    """A per-sample ``targets`` tensor must have one entry per sample: shape ``B`` or ``(prod(B),)``.
+
+    Raises:
+        TargetError: For another shape (a ``ValueError``).
+    """
+    if tuple(index.shape) == tuple(batch) or (index.dim() == 1 and index.numel() == batch.numel()):
+        return
+    raise TargetError(
+        f"targets tensor of shape {tuple(index.shape)} is read as one class index per sample, but the batch "
+        f"is {tuple(batch)} ({batch.numel()} samples). Give shape {tuple(batch)}, or a list of ints to select "
+        "the same indices for every sample."
+    )
+
+
+def _per_sample_seed(target: torch.Tensor, index: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    """One-hot seed selecting ``target[s, ..., index[s]]`` for every sample ``s``."""
+    k = next((k for k in range(len(batch) + 1) if math.prod(batch[:k]) == index.numel()), None)
+    if k is None or target.dim() <= k:
+        raise TargetError(
+            f"per-sample targets of shape {tuple(index.shape)} do not fit a target of shape "
+            f"{tuple(target.shape)} (batch {tuple(batch)}): give one class index per sample, for a target "
+            "with a class dimension last."
+        )
+    size = target.shape[-1]
+    index = index.to(target.device)
+    if bool(((index < -size) | (index >= size)).any()):
+        bad = index[(index < -size) | (index >= size)].tolist()
+        raise TargetError(
+            f"per-sample targets {bad} out of range for a target of shape {tuple(target.shape)}: indices "
+            f"select the last dimension (size {size})."
+        )
+    index = index.remainder(size).reshape(torch.Size((*batch[:k], *([1] * (target.dim() - k)))))
+    index = index.expand(*target.shape[:-1], 1)
+    return torch.zeros_like(target).scatter_(-1, index, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +316,8 @@ class _Job:
     additional: TensorDictBase | None
     #: Model outputs at the real inputs, batch ``B`` (set by a method's extra pass, if any).
     outputs: dict[NestedKey, Any] | None = None
+    #: Per-sample target indices (flat ``(N,)``), from a ``targets`` tensor.
+    target_index: torch.Tensor | None = None
     #: The ``inputs`` given to ``_grad_attr`` (flat), when not the values differentiated.
     attr_inputs: dict[str, torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -183,7 +330,7 @@ def _flat(value: torch.Tensor, n_batch_dims: int, n: int) -> torch.Tensor:
 def _unflat(value: Any, batch: torch.Size) -> Any:
     if isinstance(value, TensorDictBase):
         return value.reshape(batch)
-    return value.reshape(*batch, *value.shape[1:])
+    return value.reshape(torch.Size((*batch, *value.shape[1:])))
 
 
 def _key_str(key: NestedKey) -> str:
@@ -237,14 +384,19 @@ class GradientAttribution(HookingContextFactory):
         output_grad_callbacks: ``{module_path: cb}``; ``cb(module=, grad_output=, value=None,
             direction=)`` returns a replacement ``grad_output`` tuple (e.g. masking).
         attribution_key: Root key of the results.
-        clean_intermediate_keys: Kept for compatibility: intermediates are never written into the
-            caller's TensorDict.
+        clean_intermediate_keys: ``False`` also writes the model outputs at
+            ``("_mod_out", out_key)`` as tdhook 0.1 did (batch ``B``; ``(*B, n_points)`` for
+            sampling methods such as IG). Other intermediates are never written.
         cache_callback: ``f(module=, args=, output=, key=, direction=)`` selecting the tensor of
             an ``input_modules`` output to attribute to (e.g. ``output[0]``).
         targets: Output indices (last dimension of every target) to attribute. ``None``: the
-            whole targets.
+            whole targets. An ``int`` or a list of ints selects the same indices for every sample
+            (summed); an integer tensor with one entry per sample (shape ``B``) selects one index
+            per sample, like captum's ``target=`` tensor. Strings, floats and bools are refused.
         separate_targets: With ``targets``, compute one map per index in one forward pass and one
             batched backward pass; results have shape ``(*B, K, *feature)``.
+        check_finite: Refuse attributed inputs (and baselines) holding NaN or Inf, whose
+            attributions would be NaN. ``False`` skips the check.
 
     Raises:
         AttributionError: For invalid arguments (a ``ValueError``).
@@ -268,13 +420,14 @@ class GradientAttribution(HookingContextFactory):
         clean_intermediate_keys: bool = True,
         cache_callback: Callable[..., Any] | None = None,
         *,
-        targets: int | Sequence[int] | None = None,
+        targets: TargetsArg = None,
         separate_targets: bool = False,
+        check_finite: bool = True,
     ) -> None:
         self.use_inputs = bool(use_inputs)
         self.use_outputs = bool(use_outputs)
-        self.input_modules = [str(m) for m in (input_modules or [])]
-        self.target_modules = [str(m) for m in (target_modules or [])]
+        self.input_modules = module_names(input_modules, "input_modules")
+        self.target_modules = module_names(target_modules, "target_modules")
         for name, fn in (
             ("init_attr_targets", init_attr_targets),
             ("init_attr_inputs", init_attr_inputs),
@@ -296,10 +449,7 @@ class GradientAttribution(HookingContextFactory):
         self.attribution_key = attribution_key
         self.clean_intermediate_keys = clean_intermediate_keys
         self.cache_callback = cache_callback
-        if targets is not None and not isinstance(targets, int):
-            targets = [int(t) for t in targets]
-            if not targets:
-                raise AttributionError("targets is empty; pass at least one output index, or None.")
+        targets = parse_targets(targets, separate_targets)
         if separate_targets and (targets is None or isinstance(targets, int)) and init_attr_grads is None:
             raise AttributionError(
                 f"separate_targets=True needs several targets (targets=[i, j, ...]) or an init_attr_grads "
@@ -307,6 +457,7 @@ class GradientAttribution(HookingContextFactory):
             )
         self.targets = targets
         self.separate_targets = bool(separate_targets)
+        self.check_finite = bool(check_finite)
         self._chunk_size: int | None = None
         #: At most this many rows (``N × points``) per forward pass (a memory budget), or None.
         self._max_rows: int | None = None
@@ -386,7 +537,18 @@ class GradientAttribution(HookingContextFactory):
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
     ) -> Any:
-        job = self._make_job(hooked, td)
+        return self._attribute(hooked, td, call_next, kwargs)
+
+    def _attribute(
+        self,
+        hooked: HookedModule,
+        td: TensorDictBase,
+        call_next: Callable[..., Any],
+        kwargs: dict[str, Any],
+        target_index: torch.Tensor | None = None,
+    ) -> Any:
+        """One attribution call; ``target_index`` (flat ``(N,)``) overrides per-sample targets."""
+        job = self._make_job(hooked, td, target_index)
         self._prepare_job(hooked, job, call_next)
         grads, inputs, outputs = self._gradients(hooked, job, call_next, **kwargs)
         if job.attr_inputs is not None:
@@ -405,12 +567,28 @@ class GradientAttribution(HookingContextFactory):
         attrs = self._grad_attr(grads_b, inputs_b)
         for key in hooked.out_keys:
             td.set(key, outputs[key])
+        if not self.clean_intermediate_keys:
+            self._write_mod_out(hooked, job, outputs)
         for key, value in attrs.items():
             td.set((self.attribution_key, key), value)
         self._finish_job(hooked, job, call_next, attrs, inputs_b)
         return td
 
-    def _make_job(self, hooked: HookedModule, td: TensorDictBase) -> _Job:
+    def _write_mod_out(self, hooked: HookedModule, job: _Job, outputs: dict[NestedKey, Any]) -> None:
+        """With ``clean_intermediate_keys=False``, also write the outputs at ``("_mod_out", k)`` (0.1).
+
+        Single-pass methods write the outputs of the attribution pass (batch ``B``); sampling
+        methods (IG, noise tunnels) the outputs of the sampled pass (batch ``(*B, n_points)``).
+        """
+        sampled = job.extras.get("sampled_outputs")
+        nb = len(job.batch)
+        for key in hooked.out_keys:
+            value = outputs[key] if sampled is None else torch.cat(sampled[key], nb)
+            job.td.set((KEYS.mod_out, *((key,) if isinstance(key, str) else key)), value)
+
+    def _make_job(
+        self, hooked: HookedModule, td: TensorDictBase, target_index: torch.Tensor | None = None
+    ) -> _Job:
         if not isinstance(td, TensorDictBase):
             raise AttributionError(f"{type(self).__name__} needs a TensorDict, got {type(td).__name__}.")
         model_keys = list(hooked.td_module.in_keys)
@@ -444,6 +622,12 @@ class GradientAttribution(HookingContextFactory):
                     f"{type(self).__name__}(input_modules=['embedding'], use_inputs=False) "
                     "(the path of your embedding module)."
                 )
+        if self.check_finite:
+            for k in attributed:
+                check_finite(model_inputs[k], f"input {k!r}")
+        if target_index is None and isinstance(self.targets, torch.Tensor):
+            check_per_sample_targets(self.targets, batch)
+            target_index = self.targets.reshape(n)
         if not attributed and not self.input_modules:
             raise AttributionError(
                 f"{type(self).__name__} has nothing to attribute to: use_inputs=False and no input_modules. "
@@ -454,7 +638,7 @@ class GradientAttribution(HookingContextFactory):
                 "No targets: use_outputs=False and no target_modules. Set use_outputs=True or pass "
                 "target_modules=[...]."
             )
-        return _Job(td, batch, n, model_inputs, attributed, additional)
+        return _Job(td, batch, n, model_inputs, attributed, additional, target_index=target_index)
 
     def _gradients(
         self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any], **kwargs: Any
@@ -499,6 +683,11 @@ class GradientAttribution(HookingContextFactory):
             state.targets = {}
             if n_points == 1:
                 outputs = {k: _unflat(_detach(out.get(k)), job.batch) for k in hooked.out_keys}
+            elif not self.clean_intermediate_keys:  # 0.1's ("_mod_out", k): batch (*B, n_points)
+                sampled = job.extras.setdefault("sampled_outputs", {})
+                for k in hooked.out_keys:
+                    part = _unflat(_detach(out.get(k)), torch.Size((*job.batch, c)))
+                    sampled.setdefault(k, []).append(part)
             diff_names: list[str] = [_key_str(k) for k in leaves]
             diff: list[torch.Tensor] = list(leaves.values())
             values = dict(zip(diff_names, (job.model_inputs[k] for k in leaves)))
@@ -516,7 +705,12 @@ class GradientAttribution(HookingContextFactory):
                 values[key] = value.detach()
             shape = torch.Size((*job.batch, c) if c > 1 else job.batch)
             t_list, s_list = self._targets_and_seeds(
-                hooked, out, module_targets, shape, _expand_additional(job.additional, job.batch, c)
+                hooked,
+                out,
+                module_targets,
+                shape,
+                _expand_additional(job.additional, job.batch, c),
+                index=job.target_index,
             )
             grads = torch.autograd.grad(
                 t_list, diff, s_list, allow_unused=True, is_grads_batched=separate, materialize_grads=False
@@ -547,10 +741,14 @@ class GradientAttribution(HookingContextFactory):
         additional: TensorDictBase | None,
         *,
         check_grad: bool = True,
+        index: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The targets (flat rows ``prod(shape)`` first) and their backward seeds.
+        """The targets and their backward seeds, in the callbacks' layout ``(*shape, *feature)``.
 
-        ``shape`` is the batch the callbacks see (``B``, or ``(*B, c)`` for ``c`` points).
+        ``shape`` is the batch the callbacks see (the caller's ``B``, or ``(*B, c)`` for ``c``
+        points); ``out`` and ``module_targets`` hold flat rows (``prod(shape)`` first). Both
+        ``init_attr_targets`` and ``init_attr_grads`` receive a TensorDict of batch ``shape`` whose
+        leaves are ``[*shape, ...]``; the seeds must have the targets' keys and shapes.
         """
         entries: list[tuple[Any, torch.Tensor]] = []
         if self.use_outputs:
@@ -563,13 +761,13 @@ class GradientAttribution(HookingContextFactory):
                     "path from the inputs to the outputs."
                 )
             entries.append((key, module_targets[key]))
-        callback_batch = shape
+        entries = [(key, value.reshape(torch.Size((*shape, *value.shape[1:])))) for key, value in entries]
         if self.init_attr_targets is not None:
-            targets_td = TensorDict(batch_size=callback_batch)
-            for key, value in entries:
-                targets_td.set(key, value.reshape(*shape, *value.shape[1:]))
+            targets_td = (
+                TensorDict(dict(entries), batch_size=shape) if entries else TensorDict(batch_size=shape)
+            )
             targets_td = _check_callback_result(
-                self.init_attr_targets(targets_td, _empty(additional, callback_batch)), "init_attr_targets"
+                self.init_attr_targets(targets_td, _empty(additional, shape)), "init_attr_targets"
             )
             entries = list(targets_td.items(include_nested=True, leaves_only=True))
         for key, value in entries:
@@ -579,43 +777,65 @@ class GradientAttribution(HookingContextFactory):
                     "to inputs the target is computed from, and do not detach or compute it under no_grad."
                 )
         t_list = [v for _, v in entries]
-        if self.init_attr_grads is not None:
-            t_td = TensorDict(dict(entries), batch_size=[]) if entries else TensorDict()
-            seeds_td = _check_callback_result(
-                self.init_attr_grads(t_td, _empty(additional, callback_batch)), "init_attr_grads"
+        if self.init_attr_grads is None:
+            return t_list, [self._default_seed(v, shape, index) for v in t_list]
+        n_lead = len(shape)
+        if not all(tuple(v.shape[:n_lead]) == tuple(shape) for v in t_list):
+            # a target reduced over the batch by init_attr_targets: the largest common batch
+            n_lead = 0
+        t_td = TensorDict(dict(entries), batch_size=shape[:n_lead])
+        seeds_td = _check_callback_result(
+            self.init_attr_grads(t_td, _empty(additional, shape)), "init_attr_grads"
+        )
+        keys_t = {_key_str(k) for k, _ in entries}
+        keys_s = {_key_str(k) for k in seeds_td.keys(include_nested=True, leaves_only=True)}
+        if keys_t != keys_s:
+            raise AttributionError(
+                f"Targets and init_grads must have the same keys: targets {sorted(keys_t)}, "
+                f"seeds {sorted(keys_s)}. Return one seed per target key (e.g. targets.apply(torch.ones_like))."
             )
-            keys_t = {_key_str(k) if isinstance(k, tuple) else k for k, _ in entries}
-            keys_s = {
-                _key_str(k) if isinstance(k, tuple) else k
-                for k in seeds_td.keys(include_nested=True, leaves_only=True)
-            }
-            if keys_t != keys_s:
+        s_list = []
+        for key, value in entries:
+            seed = seeds_td.get(key)
+            if not isinstance(seed, torch.Tensor):
                 raise AttributionError(
-                    f"Targets and init_grads must have the same keys: targets {sorted(keys_t)}, "
-                    f"seeds {sorted(keys_s)}."
+                    f"init_grads returned a {type(seed).__name__} for {key!r}, expected a tensor of shape "
+                    f"{tuple(value.shape)}."
                 )
-            s_list = []
-            for key, value in entries:
-                seed = seeds_td.get(key)
-                expected = ((seed.shape[0],) if self.separate_targets else ()) + tuple(value.shape)
-                if tuple(seed.shape) != expected:
-                    raise AttributionError(
-                        f"init_grads should have the same batch size as targets: seed {key!r} has shape "
-                        f"{tuple(seed.shape)}, expected {expected}"
-                        + (
-                            " (a leading K dimension with separate_targets)."
-                            if self.separate_targets
-                            else "."
-                        )
+            lead = (seed.shape[0],) if self.separate_targets and seed.dim() > value.dim() else ()
+            expected = lead + tuple(value.shape)
+            if tuple(seed.shape) != expected:
+                raise AttributionError(
+                    f"init_grads should have the same batch size as targets: seed {key!r} has shape "
+                    f"{tuple(seed.shape)}, expected {expected}"
+                    + (
+                        " (with a leading K dimension for separate_targets)."
+                        if self.separate_targets
+                        else " (the target's shape; e.g. torch.ones_like(target))."
                     )
-                s_list.append(seed.to(value.dtype))
-            return t_list, s_list
-        return t_list, [self._default_seed(v) for v in t_list]
+                )
+            if self.separate_targets and not lead:
+                raise AttributionError(
+                    f"init_grads should have the same batch size as targets: with separate_targets, seed "
+                    f"{key!r} needs a leading K dimension, shape (K, {', '.join(map(str, value.shape))})."
+                )
+            s_list.append(seed.to(device=value.device, dtype=value.dtype))
+        return t_list, s_list
 
-    def _default_seed(self, target: torch.Tensor) -> torch.Tensor:
+    def _default_seed(
+        self, target: torch.Tensor, batch: torch.Size, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Seed of one target ``(*batch, *feature)``: ones, or one-hot rows for ``targets``.
+
+        ``index`` holds the per-sample target indices (flat ``(N,)``), if any.
+        """
+        if index is not None:
+            return _per_sample_seed(target, index, batch)
         idx = self.targets
         if idx is None:
             return torch.ones_like(target)
+        if isinstance(idx, torch.Tensor):  # no job index: flat, one per row of ``batch``
+            return _per_sample_seed(target, idx.reshape(-1), batch)
         size = target.shape[-1] if target.dim() else 1
         indices = [idx] if isinstance(idx, int) else idx
         bad = [i for i in indices if not -size <= i < size]
@@ -677,7 +897,7 @@ def _unflat_k(value: torch.Tensor, batch: torch.Size, separate: bool) -> torch.T
     """``(N, ...)`` → ``(*B, ...)``; ``(K, N, ...)`` → ``(*B, K, ...)``."""
     if separate:
         value = value.movedim(0, 1)
-    return value.reshape(*batch, *value.shape[1:])
+    return value.reshape(torch.Size((*batch, *value.shape[1:])))
 
 
 # ----------------------------------------------------------------------------------------------

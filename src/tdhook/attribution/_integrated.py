@@ -20,7 +20,7 @@ from tensordict.utils import NestedKey
 from .._core.context import HookedModule
 from .._core.keys import check_keys
 from ._errors import KEYS, AttributionError, BaselineError
-from ._gradient import GradientAttribution, _Job, _key_str, gradient_times_input
+from ._gradient import GradientAttribution, _Job, _key_str, check_finite, gradient_times_input
 
 __all__ = [
     "SUPPORTED_METHODS",
@@ -213,6 +213,8 @@ class GradientAttributionWithBaseline(GradientAttribution):
             if not torch.is_floating_point(b):
                 b = b.to(x.dtype)
             b = b.expand(full).reshape(job.n, *x.shape[1:]) if b.dim() >= nb else b.expand(x.shape)
+            if self.check_finite:
+                check_finite(b, f"baseline {bkey!r}")
             out[key] = b.to(x.dtype)
         return out
 
@@ -380,12 +382,20 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         job.extras["layer_mode"] = layer_mode
         job.attr_inputs = attr_inputs
         if self.compute_convergence_delta:
-            shape = torch.Size((2, *job.batch))
-            additional = None if job.additional is None else job.additional.expand(2, *job.batch)
-            t_list, s_list = self._targets_and_seeds(
-                hooked, out, module_targets, shape, additional, check_grad=False
-            )
-            job.extras["f_ends"] = _seeded_sum(t_list, s_list, 2 * job.n, self.separate_targets)
+            # F(x) and F(b): the callbacks see the caller's batch B for each end (not (2, *B)).
+            ends = []
+            for half in (slice(0, job.n), slice(job.n, 2 * job.n)):
+                t_list, s_list = self._targets_and_seeds(
+                    hooked,
+                    out[half],
+                    {k: v[half] for k, v in module_targets.items()},
+                    job.batch,
+                    job.additional,
+                    check_grad=False,
+                    index=job.target_index,
+                )
+                ends.append(_seeded_sum(t_list, s_list, job.n, self.separate_targets))
+            job.extras["f_ends"] = ends
 
     def _points(self, job: _Job, start: int, stop: int) -> dict[NestedKey, torch.Tensor]:
         alphas = job.extras["alphas"][start:stop]
@@ -430,12 +440,11 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         nb = len(job.batch)
         lead = nb + (1 if self.separate_targets else 0)
         total = torch.stack([a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values()]).sum(0)
-        f_ends = job.extras["f_ends"]  # ([K,] 2N)
-        f_x, f_b = f_ends[..., : job.n], f_ends[..., job.n :]
+        f_x, f_b = job.extras["f_ends"]  # ([K,] N) each
         diff = f_x - f_b
         if self.separate_targets:
             diff = diff.movedim(0, 1)
-        diff = diff.reshape(*job.batch, *diff.shape[1:])
+        diff = diff.reshape(torch.Size((*job.batch, *diff.shape[1:])))
         job.td.set(KEYS.convergence_delta, (total - diff.to(total.dtype)).detach())
 
 
@@ -444,7 +453,8 @@ def _halves(value: Any, batch: torch.Size) -> tuple[Any, Any]:
     first, second = value[:n], value[n:]
     if isinstance(value, TensorDictBase):
         return first.reshape(batch), second.reshape(batch)
-    return first.reshape(*batch, *value.shape[1:]), second.reshape(*batch, *value.shape[1:])
+    shape = torch.Size((*batch, *value.shape[1:]))
+    return first.reshape(shape), second.reshape(shape)
 
 
 def _seeded_sum(

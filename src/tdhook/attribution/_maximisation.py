@@ -11,12 +11,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
 from .._core.context import HookedModule
 from ._errors import KEYS, AttributionError
-from ._gradient import AttrCallback, GradientAttribution, _key_str
+from ._gradient import AttrCallback, GradientAttribution, _key_str, module_names
 
 __all__ = ["ActivationMaximisation"]
 
@@ -25,7 +26,7 @@ class ActivationMaximisation(GradientAttribution):
     """Optimise the inputs to maximise module activations; ``(attr, in_key)`` is the result.
 
     Args:
-        modules_to_maximise: Module paths whose outputs are maximised.
+        modules_to_maximise: Module paths whose outputs are maximised (one string is one path).
         alpha: Step size of the (unnormalised) gradient ascent.
         n_steps: Number of steps.
         min_value: Lower clamp of the inputs.
@@ -37,7 +38,8 @@ class ActivationMaximisation(GradientAttribution):
         clean_intermediate_keys: Kept for compatibility (nothing intermediate is written).
 
     Raises:
-        AttributionError: For no module or a bad ``n_steps``.
+        AttributionError: For no module, a bad ``n_steps``, a negative or non-finite ``alpha``,
+            or ``min_value > max_value`` (a ``ValueError``).
     """
 
     def __init__(
@@ -53,14 +55,25 @@ class ActivationMaximisation(GradientAttribution):
         attribution_key: str = KEYS.attr,
         clean_intermediate_keys: bool = True,
     ) -> None:
-        if not modules_to_maximise:
+        modules = module_names(modules_to_maximise, "modules_to_maximise")
+        if not modules:
             raise AttributionError("modules_to_maximise is empty; pass module paths, e.g. ['layer3'].")
-        if not isinstance(n_steps, int) or n_steps < 0:
+        if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
             raise AttributionError(f"n_steps must be a non-negative int, got {n_steps!r}.")
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise AttributionError(
+                f"alpha must be a finite step size >= 0, got {alpha!r}. For gradient descent, negate the "
+                "target in init_attr_targets."
+            )
+        if math.isnan(min_value) or math.isnan(max_value) or min_value > max_value:
+            raise AttributionError(
+                f"min_value={min_value!r} and max_value={max_value!r} must be numbers with min_value <= "
+                "max_value (the clamp range of the inputs)."
+            )
         super().__init__(
             use_inputs=True,
             use_outputs=False,
-            target_modules=list(modules_to_maximise),
+            target_modules=modules,
             init_attr_targets=init_attr_targets,
             init_attr_grads=init_attr_grads,
             additional_init_keys=additional_init_keys,
@@ -88,5 +101,5 @@ class ActivationMaximisation(GradientAttribution):
         for key in hooked.out_keys:
             td.set(key, outputs[key])
         for key, value in current.items():
-            td.set((self.attribution_key, key), value.reshape(*job.batch, *value.shape[1:]))
+            td.set((self.attribution_key, key), value.reshape(torch.Size((*job.batch, *value.shape[1:]))))
         return td

@@ -9,6 +9,7 @@ the mean of the maps, VarGrad their variance (captum's ``NoiseTunnel`` "smoothgr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from .._core.context import HookedModule, HookingContext, HookingContextFactory
 from .._core.hooks import Installable
 from .._core.keys import check_keys
 from ._errors import AttributionError
-from ._gradient import GradientAttribution, Saliency
+from ._gradient import GradientAttribution, Saliency, check_finite, check_per_sample_targets
 
 __all__ = ["SmoothGrad", "VarGrad"]
 
@@ -49,8 +50,17 @@ class _NoiseTunnel(HookingContextFactory):
             raise AttributionError(f"n_samples must be a positive int, got {n_samples!r}.")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-        if stdevs < 0:
-            raise AttributionError(f"stdevs must be >= 0, got {stdevs}.")
+        if (
+            isinstance(stdevs, bool)
+            or not isinstance(stdevs, (int, float))
+            or not math.isfinite(stdevs)
+            or stdevs < 0
+        ):
+            raise AttributionError(
+                f"stdevs must be a finite number >= 0 (the noise standard deviation), got {stdevs!r}."
+            )
+        if isinstance(n_samples, bool):
+            raise AttributionError(f"n_samples must be a positive int, got {n_samples!r}.")
         self.method = method
         self.n_samples = n_samples
         self.stdevs = float(stdevs)
@@ -82,6 +92,13 @@ class _NoiseTunnel(HookingContextFactory):
         check_keys(td, model_keys)
         batch, n = td.batch_size, td.batch_size.numel()
         noisy_keys = [k for k in hooked.in_keys if torch.is_floating_point(td.get(k))]
+        index = None
+        if isinstance(self.method.targets, torch.Tensor):
+            check_per_sample_targets(self.method.targets, batch)
+            index = self.method.targets.reshape(n)
+        if self.method.check_finite:
+            for key in noisy_keys:
+                check_finite(td.get(key), f"input {key!r}")
         attr_key = self.method.attribution_key
         flat = td.exclude(attr_key).reshape(n)
         s = self.n_samples
@@ -94,7 +111,8 @@ class _NoiseTunnel(HookingContextFactory):
             for key in noisy_keys:
                 x = rep.get(key)
                 rep.set(key, x + self._noise(tuple(x.shape), x))
-            out = self.method._call(hooked, rep, call_next, **kwargs)
+            rep_index = None if index is None else index.repeat_interleave(c)
+            out = self.method._attribute(hooked, rep, call_next, kwargs, rep_index)
             for key, value in out.get(attr_key).items(include_nested=True, leaves_only=True):
                 v = value.reshape(n, c, *value.shape[1:])
                 part = v.sum(1)
@@ -113,13 +131,13 @@ class _NoiseTunnel(HookingContextFactory):
                 key,
                 value.reshape(batch)
                 if isinstance(value, TensorDictBase)
-                else value.reshape(*batch, *value.shape[1:]),
+                else value.reshape(torch.Size((*batch, *value.shape[1:]))),
             )
         for key, value in total.items():
             mean = value / s
             result = total_sq[key] / s - mean * mean if self._variance else mean
             full_key = (attr_key, *key) if isinstance(key, tuple) else (attr_key, key)
-            td.set(full_key, result.reshape(*batch, *result.shape[1:]))
+            td.set(full_key, result.reshape(torch.Size((*batch, *result.shape[1:]))))
         return td
 
 

@@ -18,8 +18,15 @@ from tensordict.utils import NestedKey
 
 from .._core.context import HookedModule, HookingContextFactory
 from .._core.keys import check_keys
-from ._errors import KEYS, AttributionError, BaselineError
-from ._gradient import AttrCallback, _key_str
+from ._errors import KEYS, AttributionError, BaselineError, TargetError
+from ._gradient import (
+    AttrCallback,
+    TargetsArg,
+    _key_str,
+    check_finite,
+    check_per_sample_targets,
+    parse_targets,
+)
 
 __all__ = ["FeatureAblation", "Occlusion"]
 
@@ -32,7 +39,7 @@ class _Perturbation(HookingContextFactory):
     def __init__(
         self,
         *,
-        targets: int | Sequence[int] | None = None,
+        targets: TargetsArg = None,
         separate_targets: bool = False,
         init_attr_targets: AttrCallback | None = None,
         additional_init_keys: Sequence[NestedKey] | None = None,
@@ -40,9 +47,9 @@ class _Perturbation(HookingContextFactory):
         baseline_value: float = 0.0,
         chunk_size: int | None = None,
         attribution_key: str = KEYS.attr,
+        check_finite: bool = True,
     ) -> None:
-        if targets is not None and not isinstance(targets, int):
-            targets = [int(t) for t in targets]
+        targets = parse_targets(targets, separate_targets)
         if separate_targets and not isinstance(targets, list):
             raise AttributionError(
                 f"separate_targets=True needs several targets (targets=[i, j, ...]), got {targets!r}."
@@ -54,7 +61,10 @@ class _Perturbation(HookingContextFactory):
         self.init_attr_targets = init_attr_targets
         self.additional_init_keys = list(additional_init_keys or [])
         self.baseline_key = baseline_key
+        if not isinstance(baseline_value, (int, float)) or not math.isfinite(baseline_value):
+            raise AttributionError(f"baseline_value must be a finite number, got {baseline_value!r}.")
         self.baseline_value = float(baseline_value)
+        self.check_finite = bool(check_finite)
         self.chunk_size = chunk_size
         self.attribution_key = attribution_key
 
@@ -66,9 +76,16 @@ class _Perturbation(HookingContextFactory):
         return attr
 
     def _target_rows(
-        self, hooked: HookedModule, out: TensorDictBase, additional: TensorDictBase | None
+        self,
+        hooked: HookedModule,
+        out: TensorDictBase,
+        additional: TensorDictBase | None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(rows, K)`` target values (K = 1 unless ``separate_targets``)."""
+        """``(rows, K)`` target values (K = 1 unless ``separate_targets``).
+
+        ``index`` holds the per-sample class of every row (a per-sample ``targets`` tensor).
+        """
         rows = out.batch_size[0]
         if self.init_attr_targets is not None:
             sel = TensorDict(batch_size=[rows])
@@ -87,8 +104,17 @@ class _Perturbation(HookingContextFactory):
         for value in leaves:
             if self.targets is None or self.init_attr_targets is not None:
                 part = value.reshape(rows, -1).sum(-1, keepdim=True)
+            elif index is not None:
+                size = value.shape[-1] if value.dim() > 1 else 0
+                if bool(((index < -size) | (index >= size)).any()):
+                    raise TargetError(
+                        f"per-sample targets {index.unique().tolist()} out of range for an output of shape "
+                        f"{tuple(value.shape)}: indices select the last dimension (size {size})."
+                    )
+                gather = index.remainder(size).view(rows, *([1] * (value.dim() - 1))).expand(*value.shape[:-1], 1)
+                part = value.gather(-1, gather).reshape(rows, -1).sum(-1, keepdim=True)
             else:
-                idx = [self.targets] if isinstance(self.targets, int) else self.targets
+                idx = [self.targets] if isinstance(self.targets, int) else list(self.targets)
                 picked = value[..., idx].reshape(rows, -1, len(idx))
                 part = picked.sum(1) if self.separate_targets else picked.sum((1, 2)).unsqueeze(-1)
             total = part if total is None else total + part
@@ -104,6 +130,24 @@ class _Perturbation(HookingContextFactory):
         batch = td.batch_size
         nb, n = len(batch), batch.numel()
         inputs = {k: td.get(k).reshape(n, *td.get(k).shape[nb:]) for k in model_keys}
+        index = None
+        if isinstance(self.targets, torch.Tensor):
+            check_per_sample_targets(self.targets, batch)
+            index = self.targets.reshape(n).to(next(iter(inputs.values())).device)
+        for key in hooked.in_keys:
+            x = inputs[key]
+            if not torch.is_floating_point(x):
+                raise AttributionError(
+                    f"Cannot perturb input {key!r} of dtype {x.dtype} with a float baseline; attribute "
+                    "float inputs (prepare(..., in_keys=[...]) selects them)."
+                )
+            if self.check_finite:
+                check_finite(x, f"input {key!r}")
+        if n == 0:
+            raise AttributionError(
+                f"{type(self).__name__} got a TensorDict with batch {tuple(batch)} (no rows); there is nothing "
+                "to perturb. Pass at least one sample."
+            )
         additional = None
         if self.additional_init_keys:
             check_keys(td, self.additional_init_keys, what="additional_init_keys")
@@ -119,16 +163,11 @@ class _Perturbation(HookingContextFactory):
                     key,
                     value.reshape(batch)
                     if isinstance(value, TensorDictBase)
-                    else value.reshape(*batch, *value.shape[1:]),
+                    else value.reshape(torch.Size((*batch, *value.shape[1:]))),
                 )
-            f_x = self._target_rows(hooked, out, additional)  # (N, K)
+            f_x = self._target_rows(hooked, out, additional, index)  # (N, K)
             for key in hooked.in_keys:
                 x = inputs[key]
-                if not torch.is_floating_point(x):
-                    raise AttributionError(
-                        f"Cannot perturb input {key!r} of dtype {x.dtype} with a float baseline; attribute "
-                        "float inputs (prepare(..., in_keys=[...]) selects them)."
-                    )
                 base = self._baseline(td, key, x, batch)
                 masks = self._masks(key, x.shape[1:], x)
                 w_total = masks.shape[0]
@@ -146,13 +185,17 @@ class _Perturbation(HookingContextFactory):
                     rep_add = (
                         None if additional is None else additional.unsqueeze(1).expand(n, c).reshape(n * c)
                     )
-                    f_p = self._target_rows(hooked, call_next(pwork, **kwargs), rep_add)
+                    rep_index = None if index is None else index.repeat_interleave(c)
+                    f_p = self._target_rows(hooked, call_next(pwork, **kwargs), rep_add, rep_index)
                     diffs.append(f_x.unsqueeze(1) - f_p.reshape(n, c, -1))
                 diff = torch.cat(diffs, 1)  # (N, W, K)
                 attr = torch.einsum("nwk,wf->nkf", diff.to(masks.dtype), masks.reshape(w_total, -1))
                 attr = self._normalise(attr, masks).reshape(n, -1, *x.shape[1:])
                 attr = attr if self.separate_targets else attr.squeeze(1)
-                td.set((self.attribution_key, key), attr.reshape(*batch, *attr.shape[1:]).to(x.dtype))
+                td.set(
+                    (self.attribution_key, key),
+                    attr.reshape(torch.Size((*batch, *attr.shape[1:]))).to(x.dtype),
+                )
         return td
 
     def _baseline(
@@ -168,6 +211,8 @@ class _Perturbation(HookingContextFactory):
                 f"Baseline {bkey!r} has shape {tuple(b.shape)} on {b.device}, expected the shape {full} of "
                 f"input {key!r} on {x.device}. Give it the input's shape (e.g. torch.zeros_like)."
             )
+        if self.check_finite:
+            check_finite(b, f"baseline {bkey!r}")
         return b.reshape(x.shape).to(x.dtype)
 
 

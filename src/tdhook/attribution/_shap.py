@@ -8,6 +8,7 @@ chunk go through the model in one forward and one backward pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from tensordict.utils import NestedKey
 
 from .._core.context import HookedModule
 from ._errors import KEYS, AttributionError, BaselineError
-from ._gradient import _Job, _key_str
+from ._gradient import _Job, _key_str, check_finite
 from ._integrated import GradientAttributionWithBaseline
 
 __all__ = ["GradientShap"]
@@ -72,12 +73,19 @@ class GradientShap(GradientAttributionWithBaseline):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, baseline_key=baseline_key, multiply_by_inputs=multiply_by_inputs, **kwargs)
-        if not isinstance(n_samples, int) or n_samples < 1:
+        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
             raise AttributionError(f"n_samples must be a positive int, got {n_samples!r}.")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-        if stdevs < 0:
-            raise AttributionError(f"stdevs must be >= 0, got {stdevs}.")
+        if (
+            isinstance(stdevs, bool)
+            or not isinstance(stdevs, (int, float))
+            or not math.isfinite(stdevs)
+            or stdevs < 0
+        ):
+            raise AttributionError(
+                f"stdevs must be a finite number >= 0 (the noise standard deviation), got {stdevs!r}."
+            )
         self.n_samples = n_samples
         self.stdevs = float(stdevs)
         self.baselines = dict(baselines) if baselines is not None else None
@@ -123,6 +131,8 @@ class GradientShap(GradientAttributionWithBaseline):
                         f"Baseline distribution for {key!r} has shape {tuple(b.shape)} on {b.device}; expected "
                         f"[M, {', '.join(map(str, x.shape[1:]))}] on {x.device}."
                     )
+                if self.check_finite:
+                    check_finite(b, f"baseline distribution {key!r}")
                 dists[key] = b.to(x.dtype)
             draws = self._draw(job, {k: v.shape[0] for k, v in dists.items()})
             chosen = {k: dists[k][draws.index] for k in job.attributed}

@@ -217,8 +217,10 @@ class LRP(GradientAttribution):
         plan.extend(super()._plan(hooked))
         return plan
 
-    def _default_seed(self, target: torch.Tensor) -> torch.Tensor:
-        seed = super()._default_seed(target)
+    def _default_seed(
+        self, target: torch.Tensor, batch: torch.Size, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        seed = super()._default_seed(target, batch, index)
         if self.init_relevance is RelevanceSeed.OUTPUTS:
             return seed * target.detach()
         return seed

@@ -144,7 +144,8 @@ def test_ig_zero_dim_batch_convergence_delta():
     with ig.prepare(model) as hooked:
         hooked(td)
     attr, delta = td["attr", "input"], td["convergence_delta"]
-    assert attr.shape == (4,) and delta.shape == ()
+    assert attr.shape == (4,)
+    assert delta.shape == ()
     with torch.no_grad():
         expected = attr.sum() - (model(x)[1] - model(b)[1])
     torch.testing.assert_close(delta, expected)
@@ -185,7 +186,7 @@ def test_clean_keys_write_no_mod_out():
     td = TensorDict(input=torch.randn(3, 4), batch_size=[3])
     with Saliency().prepare(_linear()) as hooked:
         hooked(td)
-    assert "_mod_out" not in td.keys()
+    assert "_mod_out" not in td
 
 
 @pytest.mark.parametrize(
@@ -207,7 +208,8 @@ def test_callers_tensors_are_never_marked_requires_grad(make):
     td["baseline", "input"] = torch.zeros_like(x)
     with make().prepare(model) as hooked:
         hooked(td)
-    assert not x.requires_grad and x.grad is None
+    assert not x.requires_grad
+    assert x.grad is None
     assert not td["input"].requires_grad
     assert td["input"] is x or td["input"].data_ptr() == x.data_ptr()
     assert torch.equal(x, before)

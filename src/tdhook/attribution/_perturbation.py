@@ -111,7 +111,9 @@ class _Perturbation(HookingContextFactory):
                         f"per-sample targets {index.unique().tolist()} out of range for an output of shape "
                         f"{tuple(value.shape)}: indices select the last dimension (size {size})."
                     )
-                gather = index.remainder(size).view(rows, *([1] * (value.dim() - 1))).expand(*value.shape[:-1], 1)
+                gather = (
+                    index.remainder(size).view(rows, *([1] * (value.dim() - 1))).expand(*value.shape[:-1], 1)
+                )
                 part = value.gather(-1, gather).reshape(rows, -1).sum(-1, keepdim=True)
             else:
                 idx = [self.targets] if isinstance(self.targets, int) else list(self.targets)

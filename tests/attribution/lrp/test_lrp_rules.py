@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tdhook.attribution.lrp import (
+    AHQKVInputRule,
     AHQKVRule,
     AlphaBetaRule,
     EpsilonRule,
@@ -209,7 +210,7 @@ def test_pseudo_identity_rule():
     torch.testing.assert_close(rel, y / stabilize(x, 1e-6) * R)
 
 
-def test_layer_norm_rule_is_epsilon_on_frozen_std_and_conserves_without_bias():
+def test_layer_norm_epsilon_variant_is_epsilon_on_frozen_std_and_conserves_without_bias():
     torch.manual_seed(0)
     ln = nn.LayerNorm(8)
     with torch.no_grad():
@@ -217,7 +218,7 @@ def test_layer_norm_rule_is_epsilon_on_frozen_std_and_conserves_without_bias():
         ln.bias.zero_()
     x = torch.randn(3, 8)
     R = torch.randn(3, 8)
-    rel, y = relevance_of(LayerNormRule(), ln, x, R)
+    rel, y = relevance_of(LayerNormRule(epsilon=1e-6), ln, x, R)
     # Linear map with σ constant: J = diag(w/σ)(I − 11ᵀ/n); R_in = x ⊙ Jᵀ(R / y)
     sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
     n = x.shape[-1]
@@ -249,12 +250,12 @@ class _Heads(nn.Module):
         return (attn @ v).transpose(1, 2).reshape(b, t, d)
 
 
-def test_ahqkv_rule_gives_relevance_to_values_only_and_conserves():
+def test_ahqkv_input_rule_gives_relevance_to_values_only_and_conserves():
     torch.manual_seed(0)
     heads = _Heads(2)
     qkv = torch.randn(2, 5, 12)
     R = torch.randn(2, 5, 4)
-    rel, y = relevance_of(AHQKVRule(), heads, qkv, R)
+    rel, y = relevance_of(AHQKVInputRule(), heads, qkv, R)
     assert torch.all(rel[..., :8] == 0)
     # With attention weights A fixed, y = A v: R_v = v ⊙ Aᵀ (R / y)
     q, k, v = qkv.chunk(3, -1)

@@ -8,7 +8,7 @@ from torch import nn
 
 from tdhook.attribution.lrp import (
     LRP,
-    AHQKVRule,
+    AHQKVInputRule,
     EpsilonPlus,
     LayerNormRule,
     SoftmaxEpsilonRule,
@@ -61,9 +61,9 @@ class Block(nn.Module):
 
 def transformer_rules(name: str, module: nn.Module):
     if isinstance(module, nn.LayerNorm):
-        return LayerNormRule()
+        return LayerNormRule(epsilon=1e-6)
     if isinstance(module, Heads):
-        return AHQKVRule()
+        return AHQKVInputRule()
     if isinstance(module, nn.Softmax):
         return SoftmaxEpsilonRule()
     return None

@@ -37,6 +37,7 @@ from ._layers import Sum
 from ._lrp import LRP, MissingRuleWarning, RelevanceSeed
 from ._rule import RemovableRuleHandle, Rule, RuleHook, bypass_rules, gradient_x_input, stabilize
 from ._rules import (
+    AHQKVInputRule,
     AHQKVRule,
     AlphaBetaRule,
     EpsilonRule,
@@ -70,6 +71,7 @@ from ._types import (
 
 __all__ = [
     "LRP",
+    "AHQKVInputRule",
     "AHQKVRule",
     "Activation",
     "AlphaBetaRule",

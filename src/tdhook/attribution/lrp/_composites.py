@@ -83,6 +83,7 @@ class BaseRuleMapper:
         self._dense: Rule | None = None
         self._first: Rule | None = None
         self._first_seen = False
+        self._current_first = False
 
     def _configure(self, *, conv: Rule | None, dense: Rule | None, first: Rule | None = None) -> None:
         self._conv, self._dense, self._first = conv, dense, first
@@ -100,7 +101,17 @@ class BaseRuleMapper:
             rule = self.rule_mapper(name, module)
             if rule is not None:
                 return rule
-        if first and self._first is not None:
+        self._current_first = first
+        return self._call(name, module)
+
+    def _call(self, name: str, module: nn.Module) -> Any:
+        """The default rule of ``module`` (after the user mapper), or ``None``.
+
+        tdhook 0.1's extension point: a subclass overrides ``_call`` and calls
+        ``super()._call(name, module)`` for the defaults; ``__call__`` still tries the user
+        ``rule_mapper`` first.
+        """
+        if self._current_first and self._first is not None:
             return self._first
         if self._conv is not None and isinstance(module, Convolution):
             return self._conv

@@ -14,10 +14,12 @@ modify parameters re-run the layer functionally with modified copies of the para
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -172,8 +174,11 @@ def _detached(value: torch.Tensor | None) -> torch.Tensor | None:
 class RuleHook:
     """The forward hook every rule uses: route the output through the rule's backward.
 
-    It does nothing when gradients are disabled, when no positional tensor input requires grad,
-    or inside :func:`bypass_rules`.
+    The rule's :meth:`Rule.check` runs on every call (also under ``no_grad`` and when no input
+    requires grad). The output depends on the autograd graph only through the module's positional
+    tensor inputs: when none requires grad (or gradients are disabled) it is returned detached,
+    so parameters never receive gradient through a rule. Inside :func:`bypass_rules` the hook
+    does nothing.
 
     Args:
         rule: The rule computing relevance in the backward pass.
@@ -182,45 +187,125 @@ class RuleHook:
     rule: Rule
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if _BYPASS.active or not torch.is_grad_enabled():
+        if _BYPASS.active:
             return None
+        rule = self.rule
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
-        if not any(x.requires_grad for x in inputs):
-            return None
         single = isinstance(output, torch.Tensor)
         outputs = (output,) if single else output
         if not isinstance(outputs, tuple) or not all(isinstance(o, torch.Tensor) for o in outputs):
             raise RuleInputError(
-                f"{type(self.rule).__name__} on {type(module).__name__}: LRP rules need a module that returns "
+                f"{type(rule).__name__} on {type(module).__name__}: LRP rules need a module that returns "
                 f"a tensor or a tuple of tensors, got {type(output).__name__}. Map this module to IgnoreRule "
                 "(or no rule) and put rules on its submodules instead."
             )
-        self.rule.check(module, inputs, outputs)
-        new = _RelevanceFunction.apply(_Call(self.rule, module, len(outputs)), *outputs, *inputs)
+        rule.check(module, inputs, outputs)
+        value = rule.forward_value(module, inputs, outputs)
+        changed = value is not None
+        outputs = tuple(value) if value is not None else outputs
+        if not torch.is_grad_enabled() or not any(x.requires_grad for x in inputs):
+            if not changed and not any(o.requires_grad for o in outputs):
+                return None
+            detached = tuple(o.detach() for o in outputs)
+            return detached[0] if single else detached
+        new = _RelevanceFunction.apply(_Call(rule, module, len(outputs)), *outputs, *inputs)
         return new[0] if single else tuple(new)
+
+
+_PROTOCOL_FUNCTIONS: weakref.WeakKeyDictionary[type, type[torch.autograd.Function]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _is_protocol_rule(rule: Rule) -> bool:
+    """A rule written to tdhook 0.1's protocol: static ``forward(ctx, ...)``/``backward(ctx, ...)``."""
+    cls = type(rule)
+    forward = inspect.getattr_static(cls, "forward", None)
+    backward = inspect.getattr_static(cls, "backward", None)
+    return isinstance(forward, staticmethod) and isinstance(backward, staticmethod)
+
+
+def _protocol_function(cls: type) -> type[torch.autograd.Function]:
+    """An autograd Function running a 0.1-protocol rule class's own forward and backward."""
+    fn = _PROTOCOL_FUNCTIONS.get(cls)
+    if fn is None:
+        fn = type(
+            f"_{cls.__name__}Function",
+            (torch.autograd.Function,),
+            {
+                "forward": staticmethod(inspect.getattr_static(cls, "forward").__func__),
+                "backward": staticmethod(inspect.getattr_static(cls, "backward").__func__),
+            },
+        )
+        _PROTOCOL_FUNCTIONS[cls] = fn
+    return fn
+
+
+@dataclass(frozen=True, eq=False)
+class _ProtocolRuleHook:
+    """Forward hook (with kwargs) running a 0.1-protocol rule: its ``forward`` gives the output.
+
+    The rule's static ``forward(ctx, apply_kwargs, module, model_kwargs, *inputs)`` calls
+    ``module._prev_forward`` (the module's own forward, set while the rule is registered); its
+    ``backward(ctx, *relevance)`` returns three ``None`` then one relevance per input.
+    """
+
+    rule: Rule
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if _BYPASS.active:
+            return None
+        fn = _protocol_function(type(self.rule))
+        return fn.apply(dict(self.rule._apply_kwargs), module, dict(kwargs), *args)
 
 
 class RemovableRuleHandle:
     """Undo one :meth:`Rule.register`: ``.remove()`` (idempotent), or use it as a context manager.
 
+    ``RemovableRuleHandle(rule, module)`` (tdhook 0.1's signature) makes a handle whose
+    ``remove()`` unregisters ``rule`` from ``module`` while the module is alive, and does nothing
+    once it is gone.
+
     Args:
         rule: The registered rule.
         module: The module it was registered on.
-        handle: The torch hook handle, or ``None`` for rules that install no hook.
+        handle: The torch hook handle (``None``: remove every registration of ``rule`` on
+            ``module``).
+        prev_forward: Whether registering set ``module._prev_forward`` (a 0.1-protocol rule),
+            deleted again on removal.
     """
 
-    def __init__(self, rule: Rule, module: nn.Module, handle: RemovableHandle | None) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        module: nn.Module,
+        handle: RemovableHandle | None = None,
+        *,
+        prev_forward: bool = False,
+    ) -> None:
         self.rule = rule
         self._module = weakref.ref(module)
         self._handle = handle
+        self._owned = handle is not None or not rule.installs_hook
+        self._prev_forward = prev_forward
+        self._removed = False
 
     def remove(self) -> None:
-        """Remove the rule from the module (a no-op the second time)."""
+        """Remove the rule from the module (a no-op the second time, or once the module is gone)."""
+        if self._removed:
+            return
+        self._removed = True
+        module = self._module()
+        if not self._owned:  # a 0.1-style handle built by the user: unregister the rule
+            if module is not None:
+                self.rule.unregister(module)
+            return
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        module = self._module()
         if module is not None:
+            if self._prev_forward and "_prev_forward" in module.__dict__:
+                del module.__dict__["_prev_forward"]
             self.rule._forget(module, self)
 
     def __enter__(self) -> RemovableRuleHandle:
@@ -261,6 +346,8 @@ class Rule:
 
     #: False for rules that leave the module alone (IgnoreRule).
     installs_hook = True
+    #: Keyword arguments handed to a 0.1-protocol rule's static ``forward`` (``apply_kwargs``).
+    _apply_kwargs: Mapping[str, Any] = MappingProxyType({})
     #: False for rules whose ``relevance`` does not read ``outputs`` (they then get ``()``),
     #: which saves a copy of the outputs per call.
     uses_outputs = True
@@ -287,7 +374,16 @@ class Rule:
     def check(
         self, module: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
     ) -> None:
-        """Validate a forward call (raise :class:`RuleInputError` early, with context)."""
+        """Validate a forward call (raise :class:`RuleInputError` early, with context).
+
+        Runs on every call of the module, with or without gradients.
+        """
+
+    def forward_value(
+        self, module: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor] | None:
+        """The module's output while the rule is registered (``None``: its own output)."""
+        return None
 
     # -- registration ------------------------------------------------------------------------
     def bind(self, module: nn.Module) -> _BoundRule:
@@ -295,11 +391,22 @@ class Rule:
         return _BoundRule(self, module)
 
     def register(self, module: nn.Module) -> RemovableRuleHandle:
-        """Register the rule on ``module`` and return the handle that removes it."""
+        """Register the rule on ``module`` and return the handle that removes it.
+
+        A rule written to tdhook 0.1's protocol (static ``forward``/``backward``) is detected and
+        run through its own ``forward`` and ``backward``; ``module._prev_forward`` is the module's
+        own forward while it is registered.
+        """
         handle = None
-        if self.installs_hook:
+        prev_forward = False
+        if self.installs_hook and _is_protocol_rule(self):
+            if "_prev_forward" not in module.__dict__:
+                module.__dict__["_prev_forward"] = module.forward
+                prev_forward = True
+            handle = HookSpec(module, _ProtocolRuleHook(self), HookDirection.FWD_KWARGS).install()
+        elif self.installs_hook:
             handle = HookSpec(module, RuleHook(self), HookDirection.FWD).install()
-        rule_handle = RemovableRuleHandle(self, module, handle)
+        rule_handle = RemovableRuleHandle(self, module, handle, prev_forward=prev_forward)
         self._registry().setdefault(module, []).append(rule_handle)
         return rule_handle
 

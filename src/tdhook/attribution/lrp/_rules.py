@@ -28,6 +28,7 @@ from ._errors import RuleInputError, RuleMappingError, RuleParameterError, Unsup
 from ._rule import Rule, gradient_x_input, stabilize
 
 __all__ = [
+    "AHQKVInputRule",
     "AHQKVRule",
     "AlphaBetaRule",
     "EpsilonRule",
@@ -197,29 +198,36 @@ class PseudoIdentityRule(Rule):
 
 
 class LayerNormRule(Rule):
-    """LayerNorm rule (AttnLRP): ε-rule on the layer norm with its standard deviation frozen.
+    """LayerNorm rule: relevance through the layer norm with its standard deviation held constant.
 
-    The normalisation becomes linear, ``y = (x − mean(x)) / σ ⋅ w + b`` with σ a constant, and
-    ``R_in = x ⊙ Jᵀ (R / stab(y, ε))``; relevance is conserved when the bias is zero. Uses
-    ``module.weight``, ``module.bias`` and ``module.eps`` and normalises over
-    ``module.normalized_shape`` (the last dimension for modules without it).
+    By default (tdhook 0.1's rule, ``epsilon=None``) the module's output is recomputed as
+    ``y = (x − mean(x)) / σ ⋅ w + b`` over the **last** dimension, with
+    ``σ = sqrt(var(x) + module.eps)`` detached (biased variance), and the relevance of the input is
+    the plain vector–Jacobian product ``R_in = (∂y/∂x)ᵀ R`` (mean subtraction kept in the
+    derivative; no ε, no multiplication by the input). This map does not conserve relevance:
+    the centring sends ``Σ R_in`` to 0.
+
+    With ``epsilon`` set (AttnLRP's variant), the module's own output is kept and the ε-rule is
+    applied to that linearised map, ``R_in = x ⊙ Jᵀ (R / stab(y, ε))``, normalising over
+    ``module.normalized_shape``; it conserves relevance when the bias is zero.
 
     Args:
-        epsilon: Stabiliser of the denominator.
+        epsilon: ``None`` for tdhook 0.1's plain VJP; a stabiliser for the ε variant.
+
+    Raises:
+        UnsupportedModuleError: (a ``NotImplementedError``) at the forward call for more than
+            one positional input.
     """
 
     uses_outputs = False
 
-    def __init__(self, *, epsilon: float = 1e-6) -> None:
+    def __init__(self, *, epsilon: float | None = None) -> None:
         self.epsilon = epsilon
 
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
         _single_input(self, module, inputs)
 
-    def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
-        x = inputs[0].detach().requires_grad_(True)
-        n_dims = len(getattr(module, "normalized_shape", (0,)))
-        dims = tuple(range(-n_dims, 0))
+    def _recompute(self, module: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         centred = x - x.mean(dim=dims, keepdim=True)
         var = centred.detach().pow(2).mean(dim=dims, keepdim=True)
         y = centred / torch.sqrt(var + getattr(module, "eps", 1e-5))
@@ -228,15 +236,63 @@ class LayerNormRule(Rule):
             y = y * weight.detach()
         if bias is not None:
             y = y + bias.detach()
+        return y
+
+    def forward_value(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> Tensors | None:
+        if self.epsilon is not None:
+            return None
+        with torch.no_grad():
+            return (self._recompute(module, inputs[0], (-1,)),)
+
+    def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
+        x = inputs[0].detach().requires_grad_(True)
+        if self.epsilon is None:
+            y = self._recompute(module, x, (-1,))
+            return gradient_x_input([y], [x], [relevance[0]], multiply=False)
+        n_dims = len(getattr(module, "normalized_shape", (0,)))
+        y = self._recompute(module, x, tuple(range(-n_dims, 0)))
         return gradient_x_input([y], [x], [relevance[0] / stabilize(y.detach(), self.epsilon)])
 
 
 class AHQKVRule(Rule):
-    """Attention-head rule (AttnLRP) for a module that takes a fused QKV tensor.
+    """Attention-head rule (tdhook 0.1) on the module that **produces** a fused QKV tensor.
+
+    Put it on the QKV projection. The forward value is the module's own output; its last
+    dimension is split into three equal chunks ``q, k, v``. Relevance reaches the inputs only
+    through ``v``: ``R_in = (∂v/∂x)ᵀ R_v`` for every input, where ``R_v`` is the ``v`` part of the
+    output relevance (the ``q`` and ``k`` parts are dropped; no ε, no multiplication by the input).
+    For AttnLRP's rule on the module that *receives* the fused tensor, see
+    :class:`AHQKVInputRule`.
+
+    Raises:
+        RuleInputError: (a ``ValueError``) at the forward call when the output's last dimension
+            is not a multiple of 3.
+    """
+
+    def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
+        for z in outputs:
+            if z.dim() == 0 or z.shape[-1] % 3:
+                raise RuleInputError(
+                    f"AHQKVRule expects a fused QKV output whose last dimension is a multiple of 3, got shape "
+                    f"{tuple(z.shape)} ({type(module).__name__}). Put the rule on the module that produces the "
+                    "concatenated q, k, v (e.g. the QKV projection)."
+                )
+
+    def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
+        weights = []
+        for r in relevance:
+            q, k, v = r.chunk(3, dim=-1)
+            weights.append(torch.cat([torch.zeros_like(q), torch.zeros_like(k), v], dim=-1))
+        return gradient_x_input(outputs, inputs, weights, multiply=False)
+
+
+class AHQKVInputRule(Rule):
+    """Attention-head rule (AttnLRP) for a module that *takes* a fused QKV tensor.
 
     The input's last dimension is split into three equal chunks ``q, k, v``; the module is re-run
     with ``q`` and ``k`` detached (attention weights held constant), and the ε-rule gives
-    ``R_v = v ⊙ J_vᵀ (R / stab(y, ε))``. ``q`` and ``k`` receive zero relevance.
+    ``R_v = v ⊙ J_vᵀ (R / stab(y, ε))``. ``q`` and ``k`` receive zero relevance. (Before the
+    tdhook 0.1 compatibility work this was ``AHQKVRule``.)
 
     Args:
         epsilon: Stabiliser of the denominator.
@@ -251,9 +307,9 @@ class AHQKVRule(Rule):
         _single_input(self, module, inputs)
         if inputs[0].shape[-1] % 3:
             raise RuleInputError(
-                f"AHQKVRule expects a fused QKV input whose last dimension is a multiple of 3, got shape "
+                f"AHQKVInputRule expects a fused QKV input whose last dimension is a multiple of 3, got shape "
                 f"{tuple(inputs[0].shape)} ({type(module).__name__}). Put the rule on the module that "
-                "receives the concatenated q, k, v."
+                "receives the concatenated q, k, v (or AHQKVRule on the module producing it)."
             )
 
     def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
@@ -608,6 +664,7 @@ class RuleName(str, Enum):
     LAYER_NORM = "layer_norm"
     PSEUDO_IDENTITY = "pseudo_identity"
     AHQKV = "ahqkv"
+    AHQKV_INPUT = "ahqkv_input"
 
 
 _BY_NAME: dict[RuleName, Callable[[], Rule]] = {
@@ -626,6 +683,7 @@ _BY_NAME: dict[RuleName, Callable[[], Rule]] = {
     RuleName.LAYER_NORM: LayerNormRule,
     RuleName.PSEUDO_IDENTITY: PseudoIdentityRule,
     RuleName.AHQKV: AHQKVRule,
+    RuleName.AHQKV_INPUT: AHQKVInputRule,
 }
 
 

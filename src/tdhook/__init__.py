@@ -23,6 +23,7 @@ __all__ = [
     "contexts",
     "errors",
     "hooks",
+    "interventions",
     "latent",
     "metrics",
     "modules",

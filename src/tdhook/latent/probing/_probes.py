@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+from tensordict import TensorDict
 
 from ...errors import ProbingError
 
@@ -87,6 +88,16 @@ def default_preprocess(data: Any) -> Any:
     return data.flatten(1) if data.ndim > 1 else data.unsqueeze(1)
 
 
+def _metric_tensor(value: Any, key: str, metric: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"Metric {metric!r} of probe {key!r} is a {type(value).__name__}, not a number or a tensor; "
+            "return numbers (or tensors) from compute_metrics to read them in results."
+        ) from None
+
+
 def _require_labels(labels: Any, step: StepType) -> None:
     if labels is None and step is not StepType.PREDICT:
         raise ProbingError(
@@ -140,13 +151,19 @@ class _ManagerBase:
         compute_metrics: Callable[[Any, Any], dict[str, Any]],
         allow_overwrite: bool = False,
         data_preprocess_callback: Callable[[Any], Any] | None = None,
+        *,
+        reuse_probes: bool = False,
+        overwrite_results: bool | None = None,
     ) -> None:
         self._estimator_class = estimator_class
         self._estimator_kwargs = dict(estimator_kwargs or {})
         self._compute_metrics = compute_metrics
         self._allow_overwrite = allow_overwrite
+        self._overwrite_results = allow_overwrite if overwrite_results is None else overwrite_results
+        self._reuse_probes = reuse_probes
         self._preprocess = data_preprocess_callback
         self._estimators: dict[str, Any] = {}
+        self._probes: dict[str, Any] = {}
         self._fit_metrics: dict[str, Any] = {}
         self._predict_metrics: dict[str, Any] = {}
 
@@ -162,12 +179,45 @@ class _ManagerBase:
     def predict_metrics(self) -> dict[str, Any]:
         return self._predict_metrics
 
+    @property
+    def results(self) -> TensorDict:
+        """Every recorded metric in one TensorDict: ``results["fit" | "predict"][probe_key][metric]``.
+
+        Built on access from ``fit_metrics`` and ``predict_metrics`` (a snapshot); each metric is
+        a tensor (``results["fit"]["0_fwd"]["r2"]`` is 0-d for a scalar). Both phases are always
+        present, possibly empty.
+
+        Raises:
+            TypeError: If ``compute_metrics`` returned something else than a dict, or a metric
+                that is not a number or a tensor.
+        """
+        phases = {}
+        for phase, table in ((StepType.FIT, self._fit_metrics), (StepType.PREDICT, self._predict_metrics)):
+            entries = {}
+            for key, metrics in table.items():
+                if not isinstance(metrics, dict):
+                    raise TypeError(
+                        f"compute_metrics returned a {type(metrics).__name__} for probe {key!r} ({phase.value}); "
+                        "results needs a dict of metrics, e.g. lambda preds, y: {'r2': r2_score(y, preds)}."
+                    )
+                entries[key] = TensorDict(
+                    {m: _metric_tensor(v, key, m) for m, v in metrics.items()}, batch_size=[]
+                )
+            phases[phase.value] = TensorDict(entries, batch_size=[])
+        return TensorDict(phases, batch_size=[])
+
     def reset_estimators(self) -> None:
+        """Forget every estimator (and, with ``reuse_probes``, every probe)."""
         self._estimators = {}
+        self._probes = {}
 
     def reset_metrics(self) -> None:
         self._fit_metrics = {}
         self._predict_metrics = {}
+
+    def reset_results(self) -> None:
+        """Forget every recorded metric (``results``, ``fit_metrics``, ``predict_metrics``); keep the estimators."""
+        self.reset_metrics()
 
     def all_reduce(self, group: Any = None) -> None:
         """Sum every streaming estimator's statistics across processes (``torch.distributed``).
@@ -198,7 +248,7 @@ class _ManagerBase:
 
     def _store(self, kind: StepType, name: str, predictions: Any, labels: Any) -> None:
         table = self._fit_metrics if kind is StepType.FIT else self._predict_metrics
-        if name in table and not self._allow_overwrite:
+        if name in table and not self._overwrite_results:
             raise ProbingError(
                 f"Metrics for {name} already exist, call reset_metrics() or use allow_overwrite=True to "
                 "overwrite them."
@@ -222,6 +272,13 @@ class ProbeManager(_ManagerBase):
         compute_metrics: ``(predictions, labels) -> dict`` of metrics.
         allow_overwrite: Allow re-creating a probe or re-storing metrics under the same key.
         data_preprocess_callback: Passed to every :class:`Probe`.
+        reuse_probes: Return the *same* probe (and fitted estimator) for the same key, so that a
+            probe fitted in one ``with`` block predicts in a later one; ``reset_estimators()``
+            starts over. False keeps tdhook 0.1's behaviour: a second ``probe_factory`` call for
+            a key (e.g. entering a ``Probing`` context again) raises, or with
+            ``allow_overwrite=True`` creates a fresh, unfitted estimator.
+        overwrite_results: Allow recording the metrics of a phase and probe twice (the last one
+            is kept); defaults to ``allow_overwrite``.
 
     Examples:
         >>> from sklearn.linear_model import LinearRegression
@@ -234,6 +291,11 @@ class ProbeManager(_ManagerBase):
     def probe_factory(self, key: str, direction: str) -> Probe:
         """Create the probe for ``key`` at ``direction`` (its metrics go under ``f"{key}_{direction}"``)."""
         name = f"{key}_{direction}"
+        if self._reuse_probes:
+            probe = self._probes.get(name)
+            if probe is None:
+                probe = self._probes[name] = Probe(self._new_estimator(name), **self._callbacks(name))
+            return probe
         return Probe(self._new_estimator(name), **self._callbacks(name))
 
 

@@ -20,6 +20,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "__version__",
     "attribution",
+    "auto",
     "contexts",
     "errors",
     "hooks",
@@ -29,6 +30,7 @@ __all__ = [
     "modules",
     "plotting",
     "session",
+    "sources",
     "targets",
     "weights",
 ]

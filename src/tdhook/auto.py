@@ -1,0 +1,5 @@
+"""Compatibility path (tdhook 0.1): ``tdhook.auto``, empty in 0.1 and here."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

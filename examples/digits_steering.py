@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         {("positive", "input"): positive[:n], ("negative", "input"): negative[:n]}, batch_size=[n]
     )
     with torch.no_grad(), ActivationAddition([LAYER]).prepare(model) as hooked:
-        vector = hooked(pairs)["steer", LAYER][0]
+        vector = hooked(pairs)["steer", LAYER]
     control = torch.randn_like(vector)
     control *= vector.norm() / control.norm()
     print(f"steering vector at layer {LAYER!r}: shape {tuple(vector.shape)}, norm {float(vector.norm()):.2f}")

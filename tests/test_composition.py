@@ -126,7 +126,7 @@ def test_pipeline_inside_pipeline_keeps_the_other_entries(model) -> None:
     # Patching layer 0 with the clean activation makes the output independent of the patched input,
     # while the addition vector is taken from the clean runs, so it equals the plain difference.
     expected = (model(td["positive", "input"]) - model(td["negative", "input"])).mean(0)
-    torch.testing.assert_close(out["steer", "4"][0], expected)
+    torch.testing.assert_close(out["steer", "4"], expected)
 
 
 def test_attribution_composes_with_steering(model) -> None:

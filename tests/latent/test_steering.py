@@ -108,27 +108,41 @@ def addition_td(batch: tuple[int, ...]) -> TensorDict:
 
 
 @pytest.mark.parametrize("batch", [(), (7,), (2, 3)], ids=["scalar-batch", "1d", "2d"])
-def test_activation_addition_returns_the_callers_tensordict(model, batch) -> None:
+def test_activation_addition_returns_one_vector_per_module(model, batch) -> None:
     td = addition_td(batch)
+    before = td.clone()
     with ActivationAddition(["0", "2"]).prepare(model) as hooked:
         out = hooked(td)
-    assert out is td
+    # A new, batch-free TensorDict with the vectors and the caller's entries; the caller's is untouched.
+    assert out is not td
+    assert out.batch_size == torch.Size([])
     keys = set(out.keys(include_nested=True, leaves_only=True))
     assert keys == {("positive", "input"), ("negative", "input"), ("steer", "0"), ("steer", "2")}
+    assert td.batch_size == torch.Size(batch)
+    assert set(td.keys(include_nested=True, leaves_only=True)) == {("positive", "input"), ("negative", "input")}
+    assert (td == before).all()
+    torch.testing.assert_close(out["positive", "input"], td["positive", "input"])
     dims = tuple(range(len(batch)))
     for name, layer in (("0", model[0]), ("2", nn.Sequential(*model[:3]))):
         diff = layer(td["positive", "input"]) - layer(td["negative", "input"])
         expected = diff.mean(dims) if dims else diff
         assert expected.shape == (6,)  # a () batch keeps the vector's shape (the reference gave a scalar)
-        stored = out["steer", name]
-        assert stored.shape == (*batch, 6)
-        torch.testing.assert_close(stored.reshape(-1, 6), expected.expand(*batch, 6).reshape(-1, 6))
+        assert out["steer", name].shape == (6,)
+        torch.testing.assert_close(out["steer", name], expected)
+
+
+def test_activation_addition_result_can_be_written_without_touching_the_caller(model) -> None:
+    td = addition_td((4,))
+    with ActivationAddition(["0"]).prepare(model) as hooked:
+        out = hooked(td)
+    out["positive", "extra"] = torch.zeros(4)
+    assert ("positive", "extra") not in td.keys(include_nested=True)
 
 
 def test_activation_addition_then_steering_roundtrip(model) -> None:
     td = addition_td((8,))
     with ActivationAddition(["2"]).prepare(model) as hooked:
-        vectors = hooked(td)["steer"][0]
+        vectors = hooked(td)["steer"]
     x = torch.randn(4, 4)
     with SteeringVectors(["2"], vectors=vectors, scale=2.0).prepare(model) as hooked:
         steered = hooked(TensorDict(input=x, batch_size=[4]))["output"]
@@ -142,8 +156,23 @@ def test_activation_addition_sequence_activations() -> None:
         {("positive", "input"): torch.randn(3, 7, 4), ("negative", "input"): torch.randn(3, 7, 4)}, [3]
     )
     with ActivationAddition("0").prepare(model) as hooked:
-        vector = hooked(td)["steer", "0"][0]
+        vector = hooked(td)["steer", "0"]
     assert vector.shape == (7, 5)  # [B, T, D] activations with batch B give [T, D]
+    expected = (model(td["positive", "input"]) - model(td["negative", "input"])).mean(0)
+    torch.testing.assert_close(vector, expected)
+
+
+def test_activation_addition_lazy_stacked_input(model) -> None:
+    from tensordict import LazyStackedTensorDict
+
+    parts = [addition_td(()) for _ in range(3)]
+    parts[1]["positive", "input"] = parts[1]["positive", "input"] + 1.0
+    stacked = LazyStackedTensorDict.lazy_stack(parts)
+    with ActivationAddition(["0"]).prepare(model) as hooked:
+        out = hooked(stacked)
+    assert out.batch_size == torch.Size([])
+    expected = (model[0](stacked["positive", "input"]) - model[0](stacked["negative", "input"])).mean(0)
+    torch.testing.assert_close(out["steer", "0"], expected)
 
 
 def test_activation_addition_keeps_intermediates_on_request(model) -> None:
@@ -152,6 +181,7 @@ def test_activation_addition_keeps_intermediates_on_request(model) -> None:
         out = hooked(td)
     torch.testing.assert_close(out["_positive_cache", "0"], model[0](td["positive", "input"]))
     torch.testing.assert_close(out["_negative_out", "output"], model(td["negative", "input"]))
+    assert "_positive_cache" not in td.keys()  # written into the returned TensorDict only
 
 
 def test_activation_addition_errors(model) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from .._core.context import HookedModule, HookingContextFactory
 from .._core.hooks import HookDirection, HookSpec, check_callback
@@ -90,7 +90,7 @@ class SteeringVectors(HookingContextFactory):
     Hook-only: every model call inside the context is steered, and the caller's TensorDict is
     returned. ``steer_fn`` receives the key of the module that fired; returning None keeps the
     output. Instead of ``steer_fn``, ``vectors={module_key: v}`` adds ``scale * v`` to each
-    output (``v`` must broadcast to the output's shape, e.g. ``td["steer"][0]`` from
+    output (``v`` must broadcast to the output's shape, e.g. ``td["steer"]`` returned by
     :class:`ActivationAddition`).
 
     Args:
@@ -169,14 +169,12 @@ class ActivationAddition(HookingContextFactory):
 
     One call runs the model on the inputs under ``positive_key`` (e.g. ``("positive", "input")``)
     and under ``negative_key``, records the output of each module in ``modules_to_steer``, and
-    writes ``mean(positive - negative)`` over the TensorDict's batch dimensions to
-    ``(steer_key, module_key)`` of the caller's TensorDict, which is returned with its inputs and
-    no intermediate key.
-
-    A TensorDict entry has the TensorDict's batch dimensions, so the vector (shape: the
-    activation's shape without the batch dimensions, e.g. ``[T, D]`` for activations
-    ``[B, T, D]``) is stored broadcast over the batch: ``td["steer", m][0]`` is the vector, and
-    for a ``()`` batch ``td["steer", m]`` is the vector itself (the difference, unreduced).
+    returns a **new** TensorDict with an empty batch size holding, at ``(steer_key, module_key)``,
+    one vector per module: ``mean(positive - negative)`` over all of the caller's batch
+    dimensions, with the activation's shape without them (``[D]`` for activations ``[B, D]``,
+    ``[T, D]`` for ``[B, T, D]``), as in tdhook 0.1. The returned TensorDict also holds the
+    caller's entries (unlike 0.1); the caller's TensorDict is left untouched. With a ``()`` batch
+    the vector is the difference itself, unreduced (0.1 collapsed it to a scalar).
 
     Args:
         modules_to_steer: Module paths, relative to the model.
@@ -184,8 +182,9 @@ class ActivationAddition(HookingContextFactory):
         negative_key: Branch holding the negative inputs.
         steer_key: Where the vectors are written.
         clean_intermediate_keys: When False, the positive and negative activations and outputs
-            are also written, under ``("_positive_cache", m)``, ``("_positive_out", out_key)``
-            and their negative counterparts.
+            are also written into the returned TensorDict, under ``("_positive_cache", m)``,
+            ``("_positive_out", out_key)`` and their negative counterparts (batch dimensions
+            kept).
         cache_callback: ``cache_callback(module, args, output, key, direction)`` returning the
             tensor to record (e.g. ``output[0]`` for tuple outputs).
 
@@ -199,9 +198,9 @@ class ActivationAddition(HookingContextFactory):
         >>> td = TensorDict({("positive", "input"): torch.randn(8, 3), ("negative", "input"): torch.randn(8, 3)},
         ...                 batch_size=[8])
         >>> with ActivationAddition(["0"]).prepare(model) as hooked:
-        ...     td = hooked(td)
-        >>> td["steer", "0"][0].shape
-        torch.Size([4])
+        ...     out = hooked(td)
+        >>> out.batch_size, out["steer", "0"].shape
+        (torch.Size([]), torch.Size([4]))
     """
 
     _needs_tensordict = True
@@ -254,19 +253,20 @@ class ActivationAddition(HookingContextFactory):
             state.phase = Phase.IDLE
             state.take()
         positive, negative = recorded
-        for module_key in self._modules:
-            vector = self._vector(module_key, positive.get(module_key), negative.get(module_key), td)
-            td.set(join_key(self._steer_key, module_key), vector.expand(*td.batch_size, *vector.shape))
+        vectors = {m: self._vector(m, positive.get(m), negative.get(m), td) for m in self._modules}
+        result = _unbatched_copy(td)
+        for module_key, vector in vectors.items():
+            result.set(join_key(self._steer_key, module_key), vector)
         if not self._clean_intermediate_keys:
             for cache_key, out_key, acts, out in (
                 (_POSITIVE_CACHE_KEY, _POSITIVE_OUT_KEY, positive, outputs[0]),
                 (_NEGATIVE_CACHE_KEY, _NEGATIVE_OUT_KEY, negative, outputs[1]),
             ):
                 for module_key, value in acts.items():
-                    td.set((cache_key, module_key), value)
+                    result.set((cache_key, module_key), value)
                 for key in out_keys:
-                    td.set(join_key(out_key, key), out.get(key))
-        return td
+                    result.set(join_key(out_key, key), out.get(key))
+        return result
 
     def _vector(self, module_key: str, positive: Any, negative: Any, td: TensorDictBase) -> torch.Tensor:
         for name, value in (("positive", positive), ("negative", negative)):
@@ -294,3 +294,14 @@ class ActivationAddition(HookingContextFactory):
             )
         diff = positive - negative
         return diff.mean(dim=tuple(range(len(batch)))) if batch else diff
+
+
+def _unbatched_copy(td: TensorDictBase) -> TensorDictBase:
+    """A new TensorDict with an empty batch size holding ``td``'s entries (tensors shared, not copied).
+
+    Only a batch-free TensorDict can hold the batch-reduced steering vectors next to the caller's
+    entries. Nested TensorDicts are new objects too, so writing to the result never touches ``td``.
+    """
+    result = td.copy() if type(td) is TensorDict else td.to_tensordict()
+    result.batch_size = torch.Size([])
+    return result

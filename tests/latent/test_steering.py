@@ -119,7 +119,10 @@ def test_activation_addition_returns_one_vector_per_module(model, batch) -> None
     keys = set(out.keys(include_nested=True, leaves_only=True))
     assert keys == {("positive", "input"), ("negative", "input"), ("steer", "0"), ("steer", "2")}
     assert td.batch_size == torch.Size(batch)
-    assert set(td.keys(include_nested=True, leaves_only=True)) == {("positive", "input"), ("negative", "input")}
+    assert set(td.keys(include_nested=True, leaves_only=True)) == {
+        ("positive", "input"),
+        ("negative", "input"),
+    }
     assert (td == before).all()
     torch.testing.assert_close(out["positive", "input"], td["positive", "input"])
     dims = tuple(range(len(batch)))

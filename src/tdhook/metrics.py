@@ -15,11 +15,13 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
+from .attribution import AttributionKeys
 from .errors import InvalidInputError, MissingKeyError
 
 __all__ = ["InfidelityMetric", "SensitivityMetric"]
 
 PerturbFn = Callable[[torch.Tensor], torch.Tensor]
+_KEYS = AttributionKeys()
 
 
 def _in_keys(module: Any, keys: Sequence[NestedKey] | None) -> list[NestedKey]:
@@ -62,7 +64,15 @@ class SensitivityMetric:
         perturb_fn: ``f(x) -> x̃`` replacing the default perturbation.
 
     Examples:
-        >>> # with Saliency().prepare(model) as hooked: SensitivityMetric()(hooked, td)["input"]
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tdhook.attribution import Saliency
+        >>> model = torch.nn.Linear(3, 2)  # a constant gradient: the saliency cannot move
+        >>> td = TensorDict(input=torch.randn(4, 3), batch_size=[4])
+        >>> with Saliency(targets=[1]).prepare(model) as hooked:
+        ...     sensitivity = SensitivityMetric(n_perturb_samples=4)(hooked, td)
+        >>> sensitivity["input"]
+        tensor([0., 0., 0., 0.])
     """
 
     def __init__(
@@ -70,7 +80,7 @@ class SensitivityMetric:
         perturb_radius: float = 0.02,
         n_perturb_samples: int = 10,
         *,
-        attr_key: str = "attr",
+        attr_key: str = _KEYS.attr,
         input_keys: Sequence[NestedKey] | None = None,
         perturb_fn: PerturbFn | None = None,
     ) -> None:
@@ -132,7 +142,7 @@ class InfidelityMetric:
         n_perturb_samples: int = 10,
         noise_std: float = 0.01,
         *,
-        attr_key: str = "attr",
+        attr_key: str = _KEYS.attr,
         output_key: NestedKey = "output",
         target: int | None = None,
         target_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from tensordict import TensorDictBase
@@ -11,18 +10,10 @@ from tensordict.utils import NestedKey, unravel_key
 
 from ..errors import MissingKeyError
 
-__all__ = ["DEFAULT_IN_KEY", "DEFAULT_OUT_KEY", "ProbingKeys", "check_keys", "is_unraveled", "normalize_keys"]
+__all__ = ["DEFAULT_IN_KEY", "DEFAULT_OUT_KEY", "check_keys", "is_unraveled", "normalize_keys"]
 
 DEFAULT_IN_KEY = "input"
 DEFAULT_OUT_KEY = "output"
-
-
-@dataclass(frozen=True)
-class ProbingKeys:
-    """Keys Probing reads from the TensorDict (via ``additional_keys``)."""
-
-    labels: str = "labels"
-    step_type: str = "step_type"
 
 
 def is_unraveled(key: Any) -> bool:

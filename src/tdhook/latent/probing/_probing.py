@@ -93,10 +93,20 @@ class Probing(HookingContextFactory):
             ``nn.ModuleList``, ``nn.Sequential`` and TensorDict modules).
 
     Examples:
+        >>> import torch
         >>> from sklearn.linear_model import LinearRegression
         >>> from sklearn.metrics import r2_score
+        >>> from tensordict import TensorDict
+        >>> from tdhook.latent.probing import ProbeManager, Probing
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
         >>> manager = ProbeManager(LinearRegression, {}, lambda p, y: {"r2": r2_score(y, p)})
         >>> probing = Probing(r"\\d$", manager.probe_factory, additional_keys=["labels", "step_type"])
+        >>> x = torch.randn(32, 3)
+        >>> with probing.prepare(model) as hooked:
+        ...     _ = hooked(TensorDict(input=x, labels=x.sum(-1), step_type="fit", batch_size=[32]))
+        >>> sorted(manager.fit_metrics)
+        ['0_fwd', '1_fwd', '2_fwd']
     """
 
     default_classes_to_hook: tuple[type, ...] = (nn.Module,)

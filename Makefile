@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FRAMES ?=
 
-.PHONY: venv demo test lint typecheck unit seed bench clean
+.PHONY: venv demo test test-slow test-all lint typecheck unit seed bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,10 +26,15 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-unit: venv
-	$(BIN)/python -m pytest -q
+unit: venv  ## every test not marked slow (the default run stays under 3 minutes)
+	$(BIN)/python -m pytest -q -m "not slow" --fail-on-skip
 
-test: lint typecheck unit  ## lint, type checks, tests
+test: lint typecheck unit  ## lint, type checks, fast tests
+
+test-slow: venv  ## only the tests marked slow (examples end to end, multi-process runs)
+	$(BIN)/python -m pytest -q -m slow --fail-on-skip
+
+test-all: test test-slow  ## what CI runs: everything
 
 seed: venv  ## run the seed notebook's code unchanged
 	$(BIN)/python examples/torchrl_ppo_action_probing.py

@@ -1,4 +1,7 @@
-"""Fixtures shared across test folders: a small three-layer network and a batch for it."""
+"""Fixtures shared across test folders (a small three-layer network and a batch for it), and the
+``--fail-on-skip`` option: CI installs every extra, so a skipped test there is a test that cannot
+fail (e.g. an ``importorskip`` whose package went missing); with the option the run fails and lists
+what was skipped."""
 
 from __future__ import annotations
 
@@ -11,6 +14,42 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torch import nn
+
+_SKIPPED: list[str] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fail-on-skip",
+        action="store_true",
+        help="fail the run if any test or test module was skipped (CI: every extra is installed)",
+    )
+
+
+def _record_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append(f"{report.nodeid or '<module>'}: {reason}")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _record_skip(report)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _record_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if config.getoption("--fail-on-skip") and _SKIPPED:
+        terminalreporter.section("skipped, and --fail-on-skip is set")
+        for line in _SKIPPED:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--fail-on-skip") and _SKIPPED and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 class Net(nn.Module):

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process() -> None:
     proc = subprocess.run(
         [
@@ -45,6 +46,7 @@ def test_torchrun_two_processes_match_one_process() -> None:
     assert diff < 1e-9
 
 
+@pytest.mark.slow
 def test_single_process_without_torchrun() -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -62,6 +62,7 @@ def _load_demo(monkeypatch: pytest.MonkeyPatch):
     return module
 
 
+@pytest.mark.slow
 def test_seed_notebook_runs_unchanged_and_prints_26_finite_metrics_per_section():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
@@ -83,6 +84,7 @@ def test_seed_notebook_runs_unchanged_and_prints_26_finite_metrics_per_section()
         assert not bad, f"{section}: non-finite R² {bad}"
 
 
+@pytest.mark.slow
 def test_ppo_demo_main_tiny_budget_writes_table_plot_and_json(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")

@@ -20,6 +20,7 @@ from tdhook.attribution import (
     SmoothGrad,
     VarGrad,
 )
+from tdhook.attribution.gradient_helpers import GradientAttributionWithBaseline
 
 from ._case import ContractCase, mlp_data, small_mlp
 
@@ -38,6 +39,9 @@ def _with_baseline(model):
 
 CASES = [
     ContractCase("gradient-attribution", GradientAttribution, small_mlp, mlp_data),
+    ContractCase(
+        "gradient-attribution-with-baseline", GradientAttributionWithBaseline, small_mlp, _with_baseline
+    ),
     ContractCase("saliency", lambda: Saliency(targets=1, absolute=True), small_mlp, mlp_data),
     ContractCase(
         "saliency-latent",

@@ -122,15 +122,22 @@ def test_reentry_and_return_context_false(case: ContractCase) -> None:
     assert_same(before, snapshot(model))
 
 
+def _public_modules() -> list[str]:
+    """Every module of the package whose dotted name has no private (``_``) part."""
+    names = ["tdhook"]
+    for info in pkgutil.walk_packages(tdhook.__path__, prefix="tdhook."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return sorted(names)
+
+
 def _exported_methods() -> list[type]:
+    """Every method class in the ``__all__`` of a public module (a failed import fails the test)."""
     found = set()
-    for package in ("attribution", "latent", "weights"):
-        try:
-            module = importlib.import_module(f"tdhook.{package}")
-        except ImportError:
-            continue
-        for name in getattr(module, "__all__", []):
-            obj = getattr(module, name)
+    for name in _public_modules():
+        module = importlib.import_module(name)
+        for export in getattr(module, "__all__", []):
+            obj = getattr(module, export)
             if isinstance(obj, type) and issubclass(obj, HookingContextFactory):
                 found.add(obj)
     return sorted(found, key=lambda t: t.__name__)
@@ -140,6 +147,15 @@ def test_every_exported_method_has_a_contract_case() -> None:
     covered = set()
     for case in CASES:
         covered.add(case.covers or type(case.factory()))
-    missing = [m.__name__ for m in _exported_methods() if m not in covered]
+    exported = _exported_methods()
+    assert len(exported) >= 20, f"the walk over tdhook's public modules found only {exported}"
+    missing = [m.__name__ for m in exported if m not in covered]
     assert not missing, f"methods without a contract case in tests/contract/cases_*.py: {missing}"
-    assert tdhook.__version__
+
+
+def test_version_is_the_declared_one() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert tdhook.__version__ == declared

@@ -26,7 +26,9 @@ def test_a_skip_fails_the_run_only_with_the_option(tmp_path: Path) -> None:
 
     lenient = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert lenient.returncode == 0, lenient.stdout
-    strict = subprocess.run([*command, "--fail-on-skip"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    strict = subprocess.run(
+        [*command, "--fail-on-skip"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert strict.returncode == 1, strict.stdout
     assert "tests/test_skips.py::test_skipped: Skipped: in a test" in strict.stdout
     assert "tests/test_missing.py" in strict.stdout

@@ -59,3 +59,26 @@ def test_measure_reports_quantiles() -> None:
     assert result["repeats"] == 3
     assert result["p10_s"] <= result["median_s"] <= result["p90_s"]
     assert result["peak_rss_mib"] >= 0
+
+
+def test_import_size_measures_an_environment(tmp_path, monkeypatch) -> None:
+    """``import_size`` (not a Task: no gate) on a stand-in environment: this interpreter, a fake
+    site-packages with a known file and a torch folder that the second size leaves out."""
+    import sys
+    from pathlib import Path
+
+    from bench.tasks import import_size
+
+    site = tmp_path / "tdhook" / "lib" / "python3.11" / "site-packages"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "big.bin").write_bytes(b"\0" * 2**20)
+    (site / "small.py").write_bytes(b"\0" * 2**16)
+    monkeypatch.setattr(import_size, "ENVS_DIR", tmp_path)
+    monkeypatch.setattr(import_size, "env_python", lambda env: Path(sys.executable))
+    monkeypatch.setattr(import_size, "STATEMENTS", (("tdhook", "import json"),))
+    (row,) = import_size.measure_all(quick=True)
+    assert row["env"] == "tdhook"
+    assert row["statement"] == "import json"
+    assert row["p10_s"] <= row["import_s"] <= row["p90_s"]
+    assert row["size_mib"] - row["size_wo_torch_mib"] >= 1.0  # the torch folder, 1 MiB at least
+    assert row["size_wo_torch_mib"] >= 2**16 / 2**20

@@ -21,6 +21,8 @@ TASKS = (
     "hook_overhead",
     "intervention",
     "composed",
+    "twonn_dense",
+    "probes_sklearn",
 )
 
 

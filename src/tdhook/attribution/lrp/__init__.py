@@ -27,6 +27,7 @@ from ._composites import (
 )
 from ._errors import (
     CanonizerError,
+    ConcurrentLRPError,
     RuleInputError,
     RuleMappingError,
     RuleParameterError,
@@ -80,6 +81,7 @@ __all__ = [
     "BatchNorm",
     "Canonizer",
     "CanonizerError",
+    "ConcurrentLRPError",
     "Convolution",
     "ConvolutionStandard",
     "ConvolutionTranspose",

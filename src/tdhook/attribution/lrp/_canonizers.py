@@ -13,6 +13,8 @@ canonical form the rules are defined for).
 from __future__ import annotations
 
 import itertools
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -34,9 +36,50 @@ __all__ = ["Canonizer", "MergeBatchNorm", "ParamModifier"]
 # ------------------------------------------------------------------------------------------
 
 
+class _How(Enum):
+    COPY_BACK = "copy_back"
+    UNREGISTER = "unregister"
+    SETATTR = "setattr"
+
+
+@dataclass(eq=False)
+class _Edit:
+    """One attribute under edit: the original (restored by the last holder) and the edited value."""
+
+    saved: Any
+    how: _How
+    value: Any
+    holders: int = 1
+
+
+#: module -> {attribute name -> its active edit}. Every edit of the same attribute, from any
+#: context or thread, shares one entry: the first saves the original, the last restores it, so
+#: contexts may exit in any order. A second edit to a *different* value is refused.
+_EDITS: weakref.WeakKeyDictionary[nn.Module, dict[str, _Edit]] = weakref.WeakKeyDictionary()
+_EDITS_LOCK = threading.Lock()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.detach().to(b.device), b.detach()))
+        )
+    return bool(a == b) and type(a) is type(b)
+
+
 @dataclass(frozen=True, eq=False)
 class _Assign:
-    """Set ``module.<name>`` (a parameter, buffer or plain attribute) to ``value`` reversibly."""
+    """Set ``module.<name>`` (a parameter, buffer or plain attribute) to ``value`` reversibly.
+
+    Restoration is exact whatever the order in which overlapping edits end: edits of one
+    attribute to the same value share the saved original (the last one out restores it); an
+    edit to a different value while another is active raises :class:`CanonizerError` before
+    anything changes.
+    """
 
     module: nn.Module
     name: str
@@ -44,40 +87,63 @@ class _Assign:
 
     def install(self) -> _Restore:
         module, name = self.module, self.name
-        current = getattr(module, name)
-        if isinstance(current, torch.Tensor) and isinstance(self.value, torch.Tensor):
-            saved = current.detach().clone()
-            with torch.no_grad():
-                current.copy_(self.value)
-            return _Restore(module, name, saved, _How.COPY_BACK)
-        if current is None and isinstance(self.value, torch.Tensor):  # e.g. a layer without bias
-            module.register_parameter(name, nn.Parameter(self.value.detach().clone(), requires_grad=False))
-            return _Restore(module, name, None, _How.UNREGISTER)
-        setattr(module, name, self.value)
-        return _Restore(module, name, current, _How.SETATTR)
-
-
-class _How(Enum):
-    COPY_BACK = "copy_back"
-    UNREGISTER = "unregister"
-    SETATTR = "setattr"
+        with _EDITS_LOCK:
+            edits = _EDITS.setdefault(module, {})
+            active = edits.get(name)
+            if active is not None:
+                current = getattr(module, name)
+                if not _same_value(self.value, active.value) or not _same_value(current, active.value):
+                    raise CanonizerError(
+                        f"{type(module).__name__}.{name} is already edited by another active LRP context or "
+                        "canonizer (to a different value), whose restore would then be wrong. Exit that context "
+                        "first, or use one model copy per context (copy.deepcopy(model))."
+                    )
+                active.holders += 1
+                return _Restore(module, name, active)
+            current = getattr(module, name)
+            if isinstance(current, torch.Tensor) and isinstance(self.value, torch.Tensor):
+                saved = current.detach().clone()
+                with torch.no_grad():
+                    current.copy_(self.value)
+                edit = _Edit(saved, _How.COPY_BACK, current.detach().clone())
+            elif current is None and isinstance(self.value, torch.Tensor):  # e.g. a layer without bias
+                module.register_parameter(
+                    name, nn.Parameter(self.value.detach().clone(), requires_grad=False)
+                )
+                edit = _Edit(None, _How.UNREGISTER, getattr(module, name).detach().clone())
+            else:
+                setattr(module, name, self.value)
+                edit = _Edit(current, _How.SETATTR, self.value)
+            edits[name] = edit
+            return _Restore(module, name, edit)
 
 
 class _Restore:
-    __slots__ = ("how", "module", "name", "saved")
+    __slots__ = ("edit", "module", "name")
 
-    def __init__(self, module: nn.Module, name: str, saved: Any, how: _How | None) -> None:
-        self.module, self.name, self.saved, self.how = module, name, saved, how
+    def __init__(self, module: nn.Module, name: str, edit: _Edit | None) -> None:
+        self.module, self.name, self.edit = module, name, edit
 
     def remove(self) -> None:
-        how, self.how = self.how, None  # idempotent
-        if how is _How.COPY_BACK:
-            with torch.no_grad():
-                getattr(self.module, self.name).copy_(self.saved)
-        elif how is _How.UNREGISTER:
-            self.module.register_parameter(self.name, None)
-        elif how is _How.SETATTR:
-            setattr(self.module, self.name, self.saved)
+        edit, self.edit = self.edit, None  # idempotent
+        if edit is None:
+            return
+        with _EDITS_LOCK:
+            edit.holders -= 1
+            if edit.holders > 0:
+                return
+            edits = _EDITS.get(self.module)
+            if edits is not None and edits.get(self.name) is edit:
+                del edits[self.name]
+                if not edits:
+                    del _EDITS[self.module]
+            if edit.how is _How.COPY_BACK:
+                with torch.no_grad():
+                    getattr(self.module, self.name).copy_(edit.saved)
+            elif edit.how is _How.UNREGISTER:
+                self.module.register_parameter(self.name, None)
+            elif edit.how is _How.SETATTR:
+                setattr(self.module, self.name, edit.saved)
 
 
 # ------------------------------------------------------------------------------------------

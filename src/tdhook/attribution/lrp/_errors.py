@@ -10,6 +10,7 @@ from ...errors import TdhookError
 
 __all__ = [
     "CanonizerError",
+    "ConcurrentLRPError",
     "RuleInputError",
     "RuleMappingError",
     "RuleParameterError",
@@ -40,3 +41,7 @@ class UnconservedRelevanceError(TdhookError, RuntimeError):
 
 class CanonizerError(TdhookError, ValueError):
     """A canonizer cannot be applied to the model as it is (e.g. BatchNorm in training mode)."""
+
+
+class ConcurrentLRPError(TdhookError, RuntimeError):
+    """A second LRP context on modules that an active LRP context already explains."""

@@ -13,8 +13,11 @@ of input ``k``. The initial relevance is the seed (ones by default, as in tdhook
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -31,7 +34,7 @@ from .._errors import KEYS, AttributionError
 from .._gradient import AttrCallback, GradientAttribution
 from ._canonizers import Canonizer, _Assign
 from ._composites import BaseRuleMapper, RuleMapper
-from ._errors import RuleMappingError
+from ._errors import ConcurrentLRPError, RuleMappingError
 from ._rule import Rule
 from ._rules import RuleName, rule_from_name
 
@@ -203,7 +206,9 @@ class LRP(GradientAttribution):
         return ruled
 
     def _plan(self, hooked: HookedModule) -> list[Installable]:
-        plan: list[Installable] = []
+        ruled = self._rules(hooked)
+        # First: refuse (before any edit) a model that another LRP context is explaining.
+        plan: list[Installable] = [_LRPClaim(tuple(hooked.td_module.modules()))]
         for canonizer in self.canonizers:
             plan.extend(canonizer.plan(hooked.root))
         # In-place activations would apply their own backward to the relevance a rule hands to
@@ -213,7 +218,7 @@ class LRP(GradientAttribution):
             for _, module in hooked.td_module.named_modules()
             if _inplace_torch_module(module)
         )
-        plan.extend(rule.bind(module) for _, module, rule in self._rules(hooked) if rule.installs_hook)
+        plan.extend(rule.bind(module) for _, module, rule in ruled if rule.installs_hook)
         plan.extend(super()._plan(hooked))
         return plan
 
@@ -224,6 +229,42 @@ class LRP(GradientAttribution):
         if self.init_relevance is RelevanceSeed.OUTPUTS:
             return seed * target.detach()
         return seed
+
+
+#: Modules under an active LRP context (rules on them, canonizer edits), from any thread.
+_CLAIMED: weakref.WeakKeyDictionary[nn.Module, _LRPClaim] = weakref.WeakKeyDictionary()
+_CLAIM_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False)
+class _LRPClaim:
+    """Installable: mark ``modules`` as explained by one LRP context; refuse overlapping contexts.
+
+    Two active LRP contexts on one model would stack their rules (each rule-carrying module
+    would apply two rules in the backward pass) and interleave their edits, so the second one is
+    refused at entry, before it changes anything, in any thread.
+    """
+
+    modules: tuple[nn.Module, ...]
+
+    def install(self) -> _LRPClaim:
+        with _CLAIM_LOCK:
+            busy = next((m for m in self.modules if m in _CLAIMED), None)
+            if busy is not None:
+                raise ConcurrentLRPError(
+                    f"{type(busy).__name__} is already explained by another active LRP context; a second one "
+                    "would stack its rules on the same modules and give wrong relevances. Exit the first "
+                    "context before entering this one, or use a copy of the model (copy.deepcopy(model))."
+                )
+            for module in self.modules:
+                _CLAIMED[module] = self
+        return self
+
+    def remove(self) -> None:
+        with _CLAIM_LOCK:
+            for module in self.modules:
+                if _CLAIMED.get(module) is self:
+                    del _CLAIMED[module]
 
 
 def _inplace_torch_module(module: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tdhook.attribution import Saliency
 from tdhook.errors import MissingKeyError
-from tdhook.metrics import InfidelityMetric, SensitivityMetric
+from tdhook.metrics import InfidelityMetric, MetricError, SensitivityMetric
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,3 +73,48 @@ def test_any_key_layout(model):
             InfidelityMetric(2)(hooked, td)
         with pytest.raises(MissingKeyError, match="No attribution at"):
             SensitivityMetric(n_perturb_samples=2)(hooked, td)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: SensitivityMetric(perturb_radius=-0.1), "perturb_radius"),
+        (lambda: SensitivityMetric(perturb_radius=float("nan")), "perturb_radius"),
+        (lambda: SensitivityMetric(n_perturb_samples=0), "n_perturb_samples"),
+        (lambda: SensitivityMetric(n_perturb_samples=2.5), "n_perturb_samples"),
+        (lambda: InfidelityMetric(noise_std=-1.0), "noise_std"),
+        (lambda: InfidelityMetric(noise_std=float("inf")), "noise_std"),
+        (lambda: InfidelityMetric(n_perturb_samples=True), "n_perturb_samples"),
+        (lambda: InfidelityMetric(target="1"), "target must be an int"),
+        (lambda: InfidelityMetric(target=1.7), "target must be an int"),
+        (lambda: InfidelityMetric(target=True), "target must be an int"),
+    ],
+)
+def test_parameter_ranges_are_checked_at_construction(make, match):
+    with pytest.raises(MetricError, match=match) as info:
+        make()
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "metric", [SensitivityMetric(n_perturb_samples=2), InfidelityMetric(n_perturb_samples=2)]
+)
+def test_bad_data_is_refused(model, metric):
+    with Saliency().prepare(model) as hooked:
+        with pytest.raises(MetricError, match="no rows"):
+            metric(hooked, TensorDict(input=torch.randn(0, 4), batch_size=[0]))
+        x = torch.randn(3, 4)
+        x[0, 1] = float("nan")
+        with pytest.raises(MetricError, match="NaN/Inf"):
+            metric(hooked, TensorDict(input=x, batch_size=[3]))
+
+
+def test_one_input_key_string_is_one_key(model):
+    td = TensorDict(input=torch.randn(3, 4), batch_size=[3])
+    metric = SensitivityMetric(n_perturb_samples=2, input_keys="input")
+    assert metric.input_keys == ["input"]
+    with Saliency().prepare(model) as hooked:
+        torch.manual_seed(0)
+        result = metric(hooked, td)
+    assert result["input"].shape == (3,)
+    assert torch.isfinite(result["input"]).all()

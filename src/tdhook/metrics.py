@@ -8,6 +8,7 @@ relies on intermediate keys. All perturbation samples run in one batched call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +17,68 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
 from .attribution import AttributionKeys
-from .errors import InvalidInputError, MissingKeyError
+from .errors import InvalidInputError, MissingKeyError, TdhookError
 
-__all__ = ["InfidelityMetric", "SensitivityMetric"]
+__all__ = ["InfidelityMetric", "MetricError", "SensitivityMetric"]
+
+
+class MetricError(TdhookError, ValueError):
+    """A metric was configured with an out-of-range parameter or given unusable data."""
+
 
 PerturbFn = Callable[[torch.Tensor], torch.Tensor]
 _KEYS = AttributionKeys()
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MetricError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def _scale(value: Any, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise MetricError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _key_list(keys: Any) -> list[NestedKey] | None:
+    """One key (a string or a tuple of strings) is one key, never its characters."""
+    if keys is None:
+        return None
+    if isinstance(keys, str) or (isinstance(keys, tuple) and all(isinstance(k, str) for k in keys)):
+        return [keys]
+    return list(keys)
+
+
+def _check_data(module: Any, data: Any, keys: Sequence[NestedKey]) -> None:
+    """Refuse what would give a silently wrong metric: no rows, NaN/Inf in a perturbed input."""
+    if not isinstance(data, TensorDictBase):
+        raise InvalidInputError(f"Metrics need a TensorDict, got {type(data).__name__}.")
+    if data.batch_size.numel() == 0:
+        raise MetricError(
+            f"The TensorDict has batch {tuple(data.batch_size)} (no rows): there is nothing to measure."
+        )
+    for key in keys:
+        if key not in data.keys(include_nested=True):
+            raise MissingKeyError(
+                f"No input at {key!r} to perturb; keys present: "
+                f"{list(data.keys(include_nested=True, leaves_only=True))}. Pass input_keys=[...]."
+            )
+        value = data.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            raise MetricError(
+                f"Input {key!r} holds NaN/Inf values; the metric would be NaN. Clean it (torch.nan_to_num)."
+            )
 
 
 def _in_keys(module: Any, keys: Sequence[NestedKey] | None) -> list[NestedKey]:
@@ -84,10 +141,10 @@ class SensitivityMetric:
         input_keys: Sequence[NestedKey] | None = None,
         perturb_fn: PerturbFn | None = None,
     ) -> None:
-        self.perturb_radius = float(perturb_radius)
-        self.n_perturb_samples = int(n_perturb_samples)
+        self.perturb_radius = _scale(perturb_radius, "perturb_radius")
+        self.n_perturb_samples = _count(n_perturb_samples, "n_perturb_samples")
         self.attr_key = attr_key
-        self.input_keys = input_keys
+        self.input_keys = _key_list(input_keys)
         self.perturb_fn = perturb_fn
 
     def _perturb(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +157,7 @@ class SensitivityMetric:
     ) -> TensorDictBase:
         """Return ``TensorDict({in_key: sensitivity[B]}, batch_size=B)``."""
         keys = _in_keys(module, self.input_keys)
+        _check_data(module, original_data, keys)
         batch, n, s = original_data.batch_size, original_data.batch_size.numel(), self.n_perturb_samples
         base = module(original_data.clone(False))
         rep = _repeat(original_data.exclude(self.attr_key), s).clone(False)
@@ -150,13 +208,18 @@ class InfidelityMetric:
         perturb_fn: PerturbFn | None = None,
         normalize: bool = False,
     ) -> None:
-        self.n_perturb_samples = int(n_perturb_samples)
-        self.noise_std = float(noise_std)
+        self.n_perturb_samples = _count(n_perturb_samples, "n_perturb_samples")
+        self.noise_std = _scale(noise_std, "noise_std")
         self.attr_key = attr_key
         self.output_key = output_key
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+            raise MetricError(
+                f"target must be an int index on the last dimension of {output_key!r} (or None for the sum), got "
+                f"{target!r} ({type(target).__name__}). For per-sample or custom targets pass target_fn=..."
+            )
         self.target = target
         self.target_fn = target_fn
-        self.input_keys = input_keys
+        self.input_keys = _key_list(input_keys)
         self.perturb_fn = perturb_fn
         self.normalize = bool(normalize)
 
@@ -180,6 +243,7 @@ class InfidelityMetric:
     ) -> TensorDictBase:
         """Return ``TensorDict({in_key: infidelity[B]}, batch_size=B)``."""
         keys = _in_keys(module, self.input_keys)
+        _check_data(module, original_data, keys)
         batch, n, s = original_data.batch_size, original_data.batch_size.numel(), self.n_perturb_samples
         attributed = module(original_data.clone(False))
         model = getattr(module, "td_module", module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from captum.attr import FeatureAblation as CaptumFeatureAblation
@@ -78,6 +79,16 @@ def test_per_sample_targets_saliency_match_captum(mlp, batch):
     td = _run(Saliency(targets=labels), mlp, TensorDict(input=x, batch_size=batch))
     ref = CaptumSaliency(mlp).attribute(x.reshape(4, 4), target=labels.reshape(4), abs=False)
     torch.testing.assert_close(td["attr", "input"], ref.reshape(*batch, 4))
+
+
+def test_numpy_targets_read_as_a_tensor(mlp):
+    x = torch.randn(4, 4)
+    labels = np.array([0, 2, 1, 2])
+    td = _run(Saliency(targets=labels), mlp, TensorDict(input=x, batch_size=[4]))
+    ref = CaptumSaliency(mlp).attribute(x, target=torch.as_tensor(labels), abs=False)
+    torch.testing.assert_close(td["attr", "input"], ref)
+    with pytest.raises(TargetError, match="expected integer class indices"):
+        Saliency(targets=np.array([0.5]))
 
 
 def test_per_sample_targets_flat_for_a_2d_batch(mlp):

@@ -83,8 +83,8 @@ def parse_targets(targets: Any, separate: bool = False) -> int | list[int] | tor
     * ``None``: every output element (the gradient of their sum);
     * an ``int`` (or a 0-dim integer tensor): that index of the last output dimension;
     * a list/tuple of ints: those indices, summed (one map each with ``separate_targets``);
-    * an integer tensor with one or more dimensions: **per-sample** indices, one per sample
-      (shape ``B``, or ``(prod(B),)``), as captum's ``target=`` tensor.
+    * an integer tensor (or NumPy array) with one or more dimensions: **per-sample** indices,
+      one per sample (shape ``B``, or ``(prod(B),)``), as captum's ``target=`` tensor.
 
     Raises:
         TargetError: For a string, a float, a bool, a non-integer tensor, an empty list, or a
@@ -92,6 +92,8 @@ def parse_targets(targets: Any, separate: bool = False) -> int | list[int] | tor
     """
     if targets is None:
         return None
+    if type(targets).__module__ == "numpy" and hasattr(targets, "ndim"):  # an array reads as a tensor
+        targets = torch.as_tensor(targets)
     if isinstance(targets, torch.Tensor):
         if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
             raise TargetError(

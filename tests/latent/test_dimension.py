@@ -25,7 +25,12 @@ from tdhook.latent.dimension import (
     TwoNnDimensionEstimator,
     knn,
 )
-from tdhook.latent.stats import InsufficientSamplesError, NonFiniteInputError
+from tdhook.latent.stats import (
+    IncompatibleInputsError,
+    InsufficientSamplesError,
+    InvalidParameterError,
+    NonFiniteInputError,
+)
 
 # --------------------------------------------------------------------------- data
 
@@ -455,3 +460,35 @@ def test_reference_import_path():
         "LocalPcaDimensionEstimator",
         "CaPcaDimensionEstimator",
     }
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        TwoNnDimensionEstimator,
+        LocalKnnDimensionEstimator,
+        LocalPcaDimensionEstimator,
+        CaPcaDimensionEstimator,
+    ],
+)
+def test_zero_rows_or_zero_features_give_a_clear_error_and_an_empty_batch_an_empty_result(cls) -> None:
+    with pytest.raises(InsufficientSamplesError, match="got 0"):
+        cls()(TensorDict(data=torch.zeros(0, 3)))
+    with pytest.raises(IncompatibleInputsError, match=r"0 features at 'data' \(shape \(10, 0\)\)"):
+        cls()(TensorDict(data=torch.zeros(10, 0)))
+    out = cls()(TensorDict(data=torch.zeros(0, 5, 3), batch_size=[]))["dimension"]
+    assert out.shape[0] == 0
+
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1.0, "1e-5", True])
+def test_eps_must_be_finite_and_non_negative(eps) -> None:
+    with pytest.raises(InvalidParameterError, match="eps must be a finite number >= 0"):
+        TwoNnDimensionEstimator(eps=eps)
+    with pytest.raises(InvalidParameterError, match="eps must be a finite number >= 0"):
+        knn(torch.randn(5, 2), 1, eps=eps)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), -0.1, 1.5, float("inf"), "0.05"])
+def test_local_pca_alpha_is_a_fraction(alpha) -> None:
+    with pytest.raises(InvalidParameterError, match=r"alpha must be a finite number >= 0 and <= 1, got"):
+        LocalPcaDimensionEstimator(criterion="ratio", alpha=alpha)

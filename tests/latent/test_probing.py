@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from tdhook.latent.probing import (
     LowRankBilinearEstimator,
     MeanDifferenceClassifier,
     ProbeManager,
+    ProbesNeverFiredWarning,
     Probing,
 )
 
@@ -302,3 +305,57 @@ def test_non_finite_activations_name_the_layer(data) -> None:
     ):
         hooked(batch)
     assert "raised by the probe on module '1' (fwd)" in info.value.__notes__
+
+
+def test_backward_probes_that_never_fire_warn_at_exit_and_fire_with_a_backward(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2, allow_overwrite=True)
+    probing = Probing(
+        "[24]$", manager.probe_factory, directions=["bwd"], additional_keys=["labels", "step_type"]
+    )
+    td = data.clone()
+    td["step_type"] = "fit"
+    with (
+        pytest.warns(
+            ProbesNeverFiredWarning,
+            match=r"2 probe\(s\) never fired.*'2' \(bwd\), '4' \(bwd\).*\.backward\(\)",
+        ),
+        probing.prepare(model) as hooked,
+    ):
+        hooked(td.clone())  # no backward: the probes never see a gradient
+    assert manager.fit_metrics == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbesNeverFiredWarning)
+        with probing.prepare(model) as hooked:
+            hooked(td.clone().set("input", data["input"].requires_grad_()))["output"].sum().backward()
+    assert set(manager.fit_metrics) == {"2_bwd", "4_bwd"}  # with the labels of the forward
+
+
+def test_forward_probes_of_modules_that_never_run_warn(model, data) -> None:
+    manager = ProbeManager(LinearRegression, {}, r2, allow_overwrite=True)
+    probing = Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"])
+    with (
+        pytest.warns(ProbesNeverFiredWarning, match=r"'0' \(fwd\).*call the hooked module"),
+        probing.prepare(model),
+    ):
+        pass
+    with warnings.catch_warnings():  # an exit by an exception does not add a warning
+        warnings.simplefilter("error", ProbesNeverFiredWarning)
+        with pytest.raises(KeyError), probing.prepare(model):
+            raise KeyError("boom")
+
+
+def test_bilinear_pair_naming_a_module_that_is_not_probed_is_refused(model, data) -> None:
+    manager = BilinearProbeManager(
+        [("0", "2"), ("2", "linear9")], BilinearEstimator, {"d_latent1": 16, "d_latent2": 8}, r2
+    )
+    probing = Probing(manager.key_pattern, manager.probe_factory, additional_keys=["labels", "step_type"])
+    with pytest.raises(
+        ProbingError, match=r"pair \('2', 'linear9'\) names \['linear9'\].*probed modules: \['0', '2'\]"
+    ):
+        probing.prepare(model).__enter__()
+    assert not model[0]._forward_hooks
+    assert not model[2]._forward_hooks
+    assert manager.estimators == {}  # refused before any probe was created
+    narrow = Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"])
+    with pytest.raises(ProbingError, match=r"pair \('0', '2'\) names \['2'\]"):
+        narrow.prepare(model).__enter__()

@@ -17,6 +17,7 @@ from tdhook.latent.stats import (
     DistributedNotInitializedError,
     IncompatibleInputsError,
     InsufficientSamplesError,
+    InvalidParameterError,
     UnknownKernelError,
 )
 
@@ -298,3 +299,34 @@ def test_reference_import_path():
 
     assert representation_similarity.CkaEstimator is CkaEstimator
     assert representation_similarity.InformationImbalanceEstimator is InformationImbalanceEstimator
+
+
+@pytest.mark.parametrize(
+    ("cls", "method"), [(CkaEstimator, "CKA"), (InformationImbalanceEstimator, "Information")]
+)
+def test_zero_rows_or_zero_features_give_a_clear_error_and_an_empty_batch_an_empty_result(
+    cls, method
+) -> None:
+    with pytest.raises(InsufficientSamplesError, match=rf"{method}.* got 0 samples at 'data_a' and 'data_b'"):
+        cls()(TensorDict(data_a=torch.zeros(0, 3), data_b=torch.zeros(0, 2)))
+    with pytest.raises(IncompatibleInputsError, match=rf"{method}.* got 0 features at 'data_b'"):
+        cls()(TensorDict(data_a=torch.randn(10, 3), data_b=torch.zeros(10, 0)))
+    out = cls()(TensorDict(data_a=torch.zeros(0, 5, 3), data_b=torch.zeros(0, 5, 2)))
+    assert all(v.shape == (0,) for k, v in out.items() if k not in ("data_a", "data_b"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eps": float("nan")}, "eps must be a finite number >= 0, got nan"),
+        ({"eps": -1.0}, "eps must be a finite number >= 0, got -1.0"),
+        ({"eps": "tiny"}, "eps must be a finite number >= 0, got 'tiny'"),
+        ({"kernel": "rbf", "sigma": float("nan")}, "sigma must be a finite number > 0, got nan"),
+        ({"kernel": "rbf", "sigma": float("inf")}, "sigma must be a finite number > 0, got inf"),
+        ({"kernel": "rbf", "sigma": 0.0}, "sigma must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_cka_parameter_ranges_are_checked_at_construction(kwargs, message) -> None:
+    for cls in (CkaEstimator, StreamingCka):
+        with pytest.raises(InvalidParameterError, match=message):
+            cls(**kwargs)

@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 
 from tdhook.errors import ModulePathError
 from tdhook.weights import Pruning
-from tdhook.weights.pruning import PruningAmountError, PruningContext
+from tdhook.weights.pruning import PruningAmountError, PruningContext, PruningSpecError
 
 
 @pytest.fixture
@@ -223,3 +223,58 @@ def test_disable_yields_the_unpruned_model_and_prunes_again_after(model) -> None
             torch.testing.assert_close(raw(x), expected)
         torch.testing.assert_close(hooked(x), pruned)
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("dim", [2, -3, 5])
+def test_structured_dim_out_of_range_is_refused_before_any_edit(model, dim) -> None:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method = Pruning(None, modules_to_prune={"0": (0, 0.5), "2": (dim, 0.5)})
+    with (
+        pytest.raises(PruningSpecError, match=rf"dim={dim}, but 2.weight has shape \(8, 8\)"),
+        method.prepare(model),
+    ):
+        pass
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # module "0" was not pruned either
+
+
+def test_negative_dim_is_the_last_dimension(model) -> None:
+    ours = pruned_state(model, Pruning(None, modules_to_prune={"2": (-1, 0.5)}))
+    theirs = pruned_state(model, Pruning(None, modules_to_prune={"2": (1, 0.5)}))
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_refused_before_any_edit(model, bad) -> None:
+    def scores(module_key, parameter_name, parameter):
+        out = parameter.detach().clone()
+        if module_key == "4":
+            out[0, 0] = bad
+        return out
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for method in (Pruning(scores, amount_to_prune=0.5), Pruning(scores, modules_to_prune={"4": (0, 0.5)})):
+        with (
+            pytest.raises(PruningSpecError, match=r"1 NaN or infinite score\(s\) for 4.weight"),
+            method.prepare(model),
+        ):
+            pass
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]), name
+
+
+def test_scores_must_be_real_tensors(model) -> None:
+    with (
+        pytest.raises(PruningSpecError, match="returned list for 0.weight"),
+        Pruning(lambda module_key, parameter_name, parameter: [1.0], amount_to_prune=0.5).prepare(model),
+    ):
+        pass
+    with (
+        pytest.raises(PruningSpecError, match="torch.bool score"),
+        Pruning(lambda module_key, parameter_name, parameter: parameter > 0, amount_to_prune=0.5).prepare(
+            model
+        ),
+    ):
+        pass
+    with pytest.raises(PruningSpecError, match=r"\(dim, amount_or_None\)"):
+        Pruning(None, modules_to_prune={"0": (True, 0.5)})

@@ -10,10 +10,15 @@ from tensordict import TensorDict
 from torch import nn
 
 from tdhook.contexts import CompositeHookingContextFactory
-from tdhook.errors import ContextStateError
+from tdhook.errors import ContextStateError, InvalidInputError
 from tdhook.latent import ActivationCaching
 from tdhook.weights import TaskVectors
-from tdhook.weights.task_vectors import NoAdequateAlphaError, TaskVectorsContext, TaskVectorsModule
+from tdhook.weights.task_vectors import (
+    NoAdequateAlphaError,
+    TaskVectorError,
+    TaskVectorsContext,
+    TaskVectorsModule,
+)
 
 
 @pytest.fixture
@@ -181,3 +186,40 @@ def test_bad_inputs(model) -> None:
     plain = TaskVectorsModule.from_module(model)
     with pytest.raises(ContextStateError, match="not prepared with TaskVectors"):
         plain.get_weights(plain.weights.clone())
+
+
+@pytest.mark.parametrize("alphas", [[float("nan")], [1.0, float("inf")], "0.5", 0.5, [True]])
+def test_non_finite_or_non_numeric_alphas_are_refused(alphas) -> None:
+    with pytest.raises(TaskVectorError, match="alpha") as info:
+        TaskVectors(alphas, lambda h: 0.0, lambda h: True)
+    assert isinstance(info.value, ValueError)
+
+
+def test_mismatched_or_non_finite_vectors_are_refused_with_no_edit(model, finetuned) -> None:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with TaskVectors([1.0], lambda h: 0.0, lambda h: True).prepare(model) as hooked:
+        vector = hooked.get_task_vector(finetuned)
+        wrong = vector.clone()
+        wrong["0", "weight"] = torch.zeros(1, 3)  # would broadcast silently
+        with pytest.raises(
+            TaskVectorError, match=r"Task vector 0 do not match the model: 0.weight has shape \(1, 3\)"
+        ):
+            hooked.get_weights(wrong, alpha=1.0)
+        with pytest.raises(TaskVectorError, match=r"0.weight has shape \(1, 3\), expected \(4, 3\)"):
+            hooked.get_task_vector(wrong)
+        nan = vector.clone()
+        nan["3", "bias"][0] = float("nan")
+        with (
+            pytest.raises(TaskVectorError, match="NaN or infinite entries in 3.bias"),
+            hooked.with_applied_vectors(nan, alpha=1.0),
+        ):
+            pass
+        for bad in (float("nan"), float("inf"), "1", True):
+            with pytest.raises(TaskVectorError, match="alpha must be a finite number"):
+                hooked.get_weights(vector, alpha=bad)  # type: ignore[arg-type]
+        with pytest.raises(TaskVectorError, match=r"The weights for alpha=1e\+39 have NaN or infinite"):
+            hooked.get_weights(vector, alpha=1e39)
+        with pytest.raises(InvalidInputError, match="Task vector 0 must be a TensorDict"):
+            hooked.get_weights({"0": 1})  # type: ignore[arg-type]
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]), name

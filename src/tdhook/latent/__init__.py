@@ -3,7 +3,7 @@
 from ._caching import ActivationCaching
 from ._patching import ActivationPatching
 from ._steering import ActivationAddition, SteeringVectors
-from ._store import ActivationStore
+from ._store import ActivationStore, StoreCorruptError, StoreLockedError
 from .dimension import LocalKnnDimensionEstimator, TwoNnDimensionEstimator
 from .probing import (
     BilinearProbe,
@@ -34,5 +34,7 @@ __all__ = [
     "ProbeManager",
     "Probing",
     "SteeringVectors",
+    "StoreCorruptError",
+    "StoreLockedError",
     "TwoNnDimensionEstimator",
 ]

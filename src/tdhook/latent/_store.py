@@ -1,39 +1,218 @@
-"""A dataset's activations on disk: one memory-mapped tensor per cached module (tensordict memmap)."""
+"""A dataset's activations on disk: durable, inert, memory-mapped files, one per cached tensor.
+
+Layout of a store folder (nothing else is ever written, read or deleted by the store):
+
+* ``tdhook_store.json``: the metadata and the marker that the folder is a store: plain JSON
+  with the format, ``num_samples``, the published row ``count`` and, per tensor, its key, dtype,
+  row shape and data file. It is replaced atomically (temporary file, ``fsync``,
+  ``os.replace``, ``fsync`` of the folder) after the data it describes is on disk.
+* ``t0000.bin``, ``t0001.bin``...: raw row-major data, allocated (sparse) for ``num_samples``
+  rows. File names are generated, never derived from keys or module names, so no key can name a
+  path outside the folder.
+* ``tdhook_store.lock``: held (``flock``) by the one writer while it is open.
+
+A process killed at any moment leaves a store whose metadata describes complete batches only:
+rows written after the last publication are ignored on load and overwritten when the store is
+resumed. Loading parses JSON and maps files read-only (copy-on-write); it never unpickles.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
+import os
+import re
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from ..errors import InvalidInputError
+from ..errors import ContextStateError, InvalidInputError, TdhookError
 from .stats import IncompatibleInputsError, InvalidParameterError
 
-__all__ = ["ActivationStore"]
+__all__ = ["ActivationStore", "StoreCorruptError", "StoreLockedError"]
 
-#: The store's own metadata file, beside tensordict's ``meta.json``.
-_INFO = "tdhook_store.json"
+#: The metadata file, also the marker that a folder holds a store.
+_META = "tdhook_store.json"
+_TMP = _META + ".tmp"
+_LOCK = "tdhook_store.lock"
+_FORMAT = "tdhook.ActivationStore"
+_VERSION = 1
+_DATA_NAME = re.compile(r"t[0-9]{4,9}\.bin")
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    )
+}
+
+
+class StoreCorruptError(TdhookError, ValueError):
+    """A store folder's metadata or data files are not what the store wrote (truncated, edited...)."""
+
+
+class StoreLockedError(TdhookError, RuntimeError):
+    """Another writer (thread or process) has the store folder open."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _WriterLock:
+    """An exclusive, non-blocking lock on ``folder/tdhook_store.lock``, released by the OS on exit."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / _LOCK
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            raise StoreLockedError(
+                f"ActivationStore folder {str(folder)!r} is open for writing by another ActivationStore (this "
+                "or another process holds its lock). Close that store first, or write to another folder."
+            ) from error
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def _row_bytes(dtype: torch.dtype, shape: list[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """The validated metadata of the store in ``folder`` (plain JSON; never unpickles)."""
+    path = folder / _META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise StoreCorruptError(
+            f"ActivationStore metadata {str(path)!r} is not readable JSON ({error}); the folder was not "
+            "written by ActivationStore or was edited. Write the store again."
+        ) from error
+
+    def bad(what: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"ActivationStore metadata {str(path)!r} is invalid: {what}. The folder was not written by this "
+            "version of ActivationStore or was edited; write the store again."
+        )
+
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise bad(f"format is not {_FORMAT!r}")
+    if meta.get("version") != _VERSION:
+        raise bad(f"version {meta.get('version')!r}, expected {_VERSION}")
+    num, count, entries = meta.get("num_samples"), meta.get("count"), meta.get("entries")
+    if not (isinstance(num, int) and not isinstance(num, bool) and num >= 1):
+        raise bad(f"num_samples={num!r}")
+    if not (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= num):
+        raise bad(f"count={count!r} with num_samples={num}")
+    if not isinstance(entries, list):
+        raise bad("entries is not a list")
+    keys, files = set(), set()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise bad(f"entry {entry!r}")
+        key, name, dtype, shape = entry.get("key"), entry.get("file"), entry.get("dtype"), entry.get("shape")
+        if not (isinstance(key, list) and key and all(isinstance(k, str) and k for k in key)):
+            raise bad(f"key {key!r}")
+        if not (isinstance(name, str) and _DATA_NAME.fullmatch(name)):
+            raise bad(f"data file name {name!r} (expected t0000.bin, t0001.bin...)")
+        if dtype not in _DTYPES:
+            raise bad(f"dtype {dtype!r} for {key!r}")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise bad(f"row shape {shape!r} for {key!r}")
+        if tuple(key) in keys or name in files:
+            raise bad(f"duplicate key {key!r} or file {name!r}")
+        keys.add(tuple(key))
+        files.add(name)
+    return meta
+
+
+def _is_store(folder: Path) -> bool:
+    return (folder / _META).is_file()
+
+
+def _own_files(folder: Path) -> list[Path]:
+    """Files in ``folder`` the store writes: metadata, its temporary file, data files."""
+    return [
+        child
+        for child in folder.iterdir()
+        if child.name in (_META, _TMP) or (_DATA_NAME.fullmatch(child.name) and not child.is_dir())
+    ]
 
 
 class ActivationStore:
     r"""Write the activations of a whole dataset to disk, batch by batch, and read them back lazily.
 
-    The first :meth:`append` allocates one memory-mapped file per activation with room for
-    ``num_samples`` rows (files are sparse: disk is used as rows are written); later batches
-    fill the next rows. :meth:`load` returns a TensorDict of memory-mapped tensors with the rows
-    written so far: the operating system pages data in as it is read. Split into batches, it
-    feeds the streaming estimators (probes, moments, CKA) without ever being in memory whole;
-    the dimension estimators take it as any tensor (their kNN search holds one working copy of
-    the points, ``O(N·D)``, and ``O(N·k)`` neighbours, never an ``N × N`` matrix).
+    The first :meth:`append` allocates one file per activation with room for ``num_samples``
+    rows (sparse: disk is used as rows are written); later batches fill the next rows. Each
+    append writes and ``fsync``\ s the rows, then publishes the new row count atomically, so a
+    process killed at any moment leaves a store that :meth:`load` reads with every complete
+    batch, and that ``ActivationStore(path, num_samples, resume=True)`` continues. :meth:`load`
+    returns a TensorDict of tensors mapped from the files (copy-on-write: writing to them never
+    changes the files): the operating system pages data in as it is read. Split into batches,
+    it feeds the streaming estimators (probes, moments, CKA) without ever being in memory whole;
+    the dimension estimators take it as any tensor.
+
+    One writer at a time: a store holds a lock on its folder until :meth:`close` (or the end of
+    a ``with`` block); a second store on the same folder, in any thread or process, raises
+    :class:`StoreLockedError`. Readers need no lock.
 
     Args:
-        path: An empty (or missing) folder.
+        path: A folder: missing or empty for a new store, or holding a store with ``overwrite``
+            or ``resume``.
         num_samples: Rows to allocate: the size of the dataset.
-        overwrite: Allow a folder that already holds a store (its files are replaced).
+        overwrite: Replace the store in ``path``: its own files (metadata and data files) are
+            deleted, nothing else. A non-empty folder that is not a store is always refused.
+        resume: Continue the store in ``path`` after its published rows (e.g. after a crash);
+            a missing or empty folder starts a new store.
+
+    Raises:
+        InvalidParameterError: If ``num_samples`` is not a positive int, or ``resume`` finds
+            a store of another size.
+        InvalidInputError: If ``path`` is a file, a non-empty folder that is not a store, or a
+            store while neither ``overwrite`` nor ``resume`` is set.
+        StoreLockedError: If another store has the folder open for writing.
+        StoreCorruptError: If ``resume`` finds metadata that is not the store's.
 
     Example::
 
@@ -46,25 +225,72 @@ class ActivationStore:
         TwoNnDimensionEstimator()(TensorDict(data=acts["layers.3"]))
     """
 
-    def __init__(self, path: str | Path, num_samples: int, *, overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, num_samples: int, *, overwrite: bool = False, resume: bool = False
+    ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise InvalidParameterError(
                 f"num_samples must be a positive int (the dataset's size), got {num_samples!r}."
             )
+        if overwrite and resume:
+            raise InvalidParameterError(
+                "Pass overwrite=True (start again) or resume=True (continue), not both."
+            )
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(
+                f"ActivationStore path must be a str or a Path, got {type(path).__name__}."
+            )
         self.path = Path(path)
+        self.num_samples = num_samples
+        self._count = 0
+        self._entries: list[dict[str, Any]] = []
+        self._lock: _WriterLock | None = None
+        self._mutex = threading.Lock()
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"ActivationStore path {str(self.path)!r} is a file; pass a folder.")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+        self._check_folder(overwrite, resume)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _WriterLock(self.path)
+        try:
+            self._check_folder(overwrite, resume)  # again, now that no other writer can change it
+            if resume and _is_store(self.path):
+                meta = _read_meta(self.path)
+                if meta["num_samples"] != num_samples:
+                    raise InvalidParameterError(
+                        f"resume=True found a store of num_samples={meta['num_samples']} in {str(self.path)!r}, "
+                        f"got num_samples={num_samples}. Pass the store's size."
+                    )
+                self._count, self._entries = meta["count"], meta["entries"]
+            else:
+                old = _own_files(self.path)
+                self._publish(0, [])  # the folder is a (new, empty) store from here on
+                for child in old:
+                    if child.name not in (_META, _TMP):
+                        child.unlink()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_folder(self, overwrite: bool, resume: bool) -> None:
+        if not self.path.is_dir():
+            return
+        if _is_store(self.path):
+            if not (overwrite or resume):
+                raise InvalidInputError(
+                    f"ActivationStore folder {str(self.path)!r} already holds a store; pass resume=True to "
+                    "continue it, overwrite=True to replace it, or another folder."
+                )
+            return
+        foreign = [c.name for c in self.path.iterdir() if c.name not in (_LOCK, _TMP)]
+        if foreign:
             raise InvalidInputError(
-                f"ActivationStore folder {str(self.path)!r} is not empty; pass an empty folder, or "
-                "overwrite=True to replace the store in it."
+                f"ActivationStore folder {str(self.path)!r} is not empty and holds no store (it has "
+                f"{sorted(foreign)[:3]}); pass an empty or new folder. overwrite=True only replaces a store: "
+                "it never deletes other files."
             )
-        self.num_samples = num_samples
-        self._data: TensorDictBase | None = None
-        self._count = 0
 
     def __repr__(self) -> str:
-        keys = None if self._data is None else sorted(map(str, self._data.keys(True, True)))
+        keys = [".".join(e["key"]) for e in self._entries] if self._entries else None
         return (
             f"{type(self).__name__}({str(self.path)!r}, count={self._count}/{self.num_samples}, keys={keys})"
         )
@@ -75,21 +301,32 @@ class ActivationStore:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
     @property
     def count(self) -> int:
-        """Rows written so far."""
+        """Rows written and published so far."""
         return self._count
+
+    @property
+    def closed(self) -> bool:
+        return self._lock is None
 
     def append(self, activations: TensorDictBase) -> ActivationStore:
         """Write one batch: every tensor of ``activations`` (e.g. ``ActivationCaching``'s cache).
 
         All tensors must share their first dimension (the batch); every batch must have the keys,
-        trailing shapes and dtypes of the first one.
+        trailing shapes and dtypes of the first one. The rows are on disk (``fsync``) before the
+        new count is published, so a crash during ``append`` loses this batch only.
 
         Returns:
             ``self``.
 
         Raises:
+            ContextStateError: After :meth:`close`.
             IncompatibleInputsError: For another batch size per key, other keys, shapes or dtypes
                 than the first batch, or more rows in all than ``num_samples``.
         """
@@ -98,82 +335,167 @@ class ActivationStore:
                 f"ActivationStore.append expects a TensorDict of activations, got {type(activations).__name__}; "
                 "pass e.g. hooked.hooking_context.cache."
             )
-        leaves = dict(activations.items(include_nested=True, leaves_only=True))
+        with self._mutex:
+            if self._lock is None:
+                raise ContextStateError(
+                    f"ActivationStore {str(self.path)!r} is closed; open it again with resume=True to append."
+                )
+            leaves = self._leaves(activations)
+            batch = next(iter(leaves.values())).shape[0]
+            if self._count + batch > self.num_samples:
+                raise IncompatibleInputsError(
+                    f"ActivationStore is full: {self._count} of {self.num_samples} rows written, and this batch "
+                    f"has {batch}. Create the store with num_samples at least the dataset's size."
+                )
+            entries = self._entries or self._allocate(leaves)
+            self._check_like_first(leaves, entries)
+            for entry in entries:
+                value = leaves[tuple(entry["key"])]
+                self._write_rows(entry, value)
+            self._publish(self._count + batch, entries)
+            self._entries = entries
+            self._count += batch
+        return self
+
+    def close(self) -> None:
+        """Release the folder's lock; the published rows stay (``append`` publishes each batch)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    @staticmethod
+    def load(path: str | Path) -> TensorDictBase:
+        """The stored activations: a TensorDict with ``batch_size=[count]`` of file-mapped tensors.
+
+        Only JSON is parsed and raw files are mapped (copy-on-write); nothing is unpickled. Rows
+        beyond the published count (a batch interrupted by a crash) are not read.
+
+        Raises:
+            InvalidInputError: If ``path`` holds no store.
+            StoreCorruptError: If the metadata is invalid, or a data file is missing, a link, or
+                not the size the store wrote (e.g. truncated by a partial copy).
+        """
+        folder = Path(path)
+        if not _is_store(folder):
+            raise InvalidInputError(
+                f"No ActivationStore at {str(path)!r} (no {_META}); write one with ActivationStore(path, "
+                "num_samples).append(...)."
+            )
+        meta = _read_meta(folder)
+        num, count = meta["num_samples"], meta["count"]
+        out = TensorDict({}, batch_size=[count])
+        for entry in meta["entries"]:
+            dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+            file = folder / entry["file"]
+            expected = num * _row_bytes(dtype, shape)
+            if file.is_symlink() or not file.is_file():
+                raise StoreCorruptError(
+                    f"ActivationStore data file {str(file)!r} for {'.'.join(entry['key'])!r} is missing or not a "
+                    "regular file; the store is incomplete. Write it again."
+                )
+            size = file.stat().st_size
+            if size != expected:
+                raise StoreCorruptError(
+                    f"ActivationStore data file {str(file)!r} for {'.'.join(entry['key'])!r} has {size} bytes, "
+                    f"expected {expected} ({num} rows of {shape} {entry['dtype']}); it was truncated or edited "
+                    "(e.g. a partial copy). Copy or write the store again."
+                )
+            if expected == 0:
+                tensor = torch.empty((count, *shape), dtype=dtype)
+            else:
+                mapped = torch.from_file(str(file), shared=False, size=num * math.prod(shape), dtype=dtype)
+                tensor = mapped.view(num, *shape)[:count]
+            out.set(tuple(entry["key"]), tensor)
+        return out
+
+    # ----------------------------------------------------------------- helpers
+
+    def _leaves(self, activations: TensorDictBase) -> dict[tuple[str, ...], torch.Tensor]:
+        leaves = {}
+        for key, value in activations.items(include_nested=True, leaves_only=True):
+            if not isinstance(value, torch.Tensor):
+                raise IncompatibleInputsError(
+                    f"ActivationStore.append stores tensors only, got {type(value).__name__} at {key!r}."
+                )
+            leaves[(key,) if isinstance(key, str) else tuple(key)] = value
         if not leaves:
             raise IncompatibleInputsError("ActivationStore.append got an empty TensorDict: nothing to store.")
-        sizes = {key: value.shape[0] if value.ndim else None for key, value in leaves.items()}
+        sizes = {".".join(key): value.shape[0] if value.ndim else None for key, value in leaves.items()}
         batch = next(iter(sizes.values()))
         if batch is None or any(size != batch for size in sizes.values()):
             raise IncompatibleInputsError(
                 f"Every activation must have the same first (batch) dimension, got {sizes}."
             )
-        if self._count + batch > self.num_samples:
-            raise IncompatibleInputsError(
-                f"ActivationStore is full: {self._count} of {self.num_samples} rows written, and this batch has "
-                f"{batch}. Create the store with num_samples at least the dataset's size."
-            )
-        if self._data is None:
-            self._data = self._allocate(leaves)
-        self._check_like_first(leaves)
         for key, value in leaves.items():
-            self._data.get(key)[self._count : self._count + batch].copy_(value.detach())
-        self._count += batch
-        self._write_info()
-        return self
+            if str(value.dtype).removeprefix("torch.") not in _DTYPES:
+                raise IncompatibleInputsError(
+                    f"ActivationStore cannot store {'.'.join(key)!r} of dtype {value.dtype}; supported: "
+                    f"{sorted(_DTYPES)}. Cast it first."
+                )
+        return leaves
 
-    def close(self) -> None:
-        """Flush the row count to disk (``append`` already does; kept for ``with`` blocks)."""
-        if self._data is not None:
-            self._write_info()
+    def _allocate(self, leaves: dict[tuple[str, ...], torch.Tensor]) -> list[dict[str, Any]]:
+        entries = []
+        for i, (key, value) in enumerate(leaves.items()):
+            name, shape = f"t{i:04d}.bin", list(value.shape[1:])
+            entry = {
+                "key": list(key),
+                "file": name,
+                "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": shape,
+            }
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, self.num_samples * _row_bytes(value.dtype, shape))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(entry)
+        _fsync_dir(self.path)
+        return entries
 
-    @staticmethod
-    def load(path: str | Path) -> TensorDictBase:
-        """The stored activations, memory-mapped: a TensorDict with ``batch_size=[count]``.
-
-        Raises:
-            InvalidInputError: If ``path`` holds no store.
-        """
-        info_path = Path(path) / _INFO
-        if not info_path.is_file():
-            raise InvalidInputError(
-                f"No ActivationStore at {str(path)!r} (no {_INFO}); write one with ActivationStore(path, "
-                "num_samples).append(...)."
-            )
-        count = json.loads(info_path.read_text())["count"]
-        return TensorDict.load_memmap(path)[:count]
-
-    # ----------------------------------------------------------------- helpers
-
-    def _allocate(self, leaves: dict[Any, torch.Tensor]) -> TensorDictBase:
-        if self.path.is_dir():
-            for child in self.path.iterdir():  # overwrite=True (checked at construction)
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        shapes = TensorDict(
-            {
-                key: torch.empty((self.num_samples, *value.shape[1:]), dtype=value.dtype, device="meta")
-                for key, value in leaves.items()
-            },
-            batch_size=[self.num_samples],
-        )
-        return shapes.memmap_like(str(self.path))
-
-    def _check_like_first(self, leaves: dict[Any, torch.Tensor]) -> None:
-        assert self._data is not None
-        stored = dict(self._data.items(include_nested=True, leaves_only=True))
+    def _check_like_first(
+        self, leaves: dict[tuple[str, ...], torch.Tensor], entries: list[dict[str, Any]]
+    ) -> None:
+        stored = {tuple(e["key"]): e for e in entries}
         if set(stored) != set(leaves):
             raise IncompatibleInputsError(
-                f"ActivationStore got keys {sorted(map(str, leaves))} after batches with "
-                f"{sorted(map(str, stored))}; every batch must cache the same modules."
+                f"ActivationStore got keys {sorted('.'.join(k) for k in leaves)} after batches with "
+                f"{sorted('.'.join(k) for k in stored)}; every batch must cache the same modules."
             )
         for key, value in leaves.items():
             want = stored[key]
-            if value.shape[1:] != want.shape[1:] or value.dtype != want.dtype:
+            dtype = str(value.dtype).removeprefix("torch.")
+            if list(value.shape[1:]) != want["shape"] or dtype != want["dtype"]:
                 raise IncompatibleInputsError(
-                    f"ActivationStore got {key!r} with shape (batch, {', '.join(map(str, value.shape[1:]))}) and "
-                    f"{value.dtype}, after batches with (batch, {', '.join(map(str, want.shape[1:]))}) and "
-                    f"{want.dtype}; pad or cast activations to one shape and dtype."
+                    f"ActivationStore got {'.'.join(key)!r} with shape (batch, {', '.join(map(str, value.shape[1:]))}) "
+                    f"and torch.{dtype}, after batches with (batch, {', '.join(map(str, want['shape']))}) and "
+                    f"torch.{want['dtype']}; pad or cast activations to one shape and dtype."
                 )
 
-    def _write_info(self) -> None:
-        info = {"count": self._count, "num_samples": self.num_samples}
-        (self.path / _INFO).write_text(json.dumps(info))
+    def _write_rows(self, entry: dict[str, Any], value: torch.Tensor) -> None:
+        row = _row_bytes(value.dtype, entry["shape"])
+        data = value.detach().to("cpu").contiguous().reshape(-1)
+        raw: Any = data.view(torch.uint8).numpy() if data.numel() else b""
+        with open(self.path / entry["file"], "r+b") as f:
+            f.seek(self._count * row)
+            f.write(memoryview(raw))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _publish(self, count: int, entries: list[dict[str, Any]]) -> None:
+        """Replace the metadata atomically: temporary file, fsync, rename, fsync of the folder."""
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_samples": self.num_samples,
+            "count": count,
+            "entries": entries,
+        }
+        tmp = self.path / _TMP
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / _META)
+        _fsync_dir(self.path)

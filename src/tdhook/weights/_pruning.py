@@ -4,8 +4,9 @@ Global mode removes a fraction (or a count) of the entries with the smallest ``|
 every scored parameter, as ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``
 does; structured mode removes whole slices along one dimension of the parameters of chosen
 modules, as ``torch.nn.utils.prune.ln_structured(n=1)`` does. The edit is a
-:class:`~tdhook.weights._edits.WeightSwap`: on exit (also after an exception) the original tensors
-are put back, bit-identical, with their ``requires_grad`` flags and gradients.
+:class:`~tdhook.weights._edits.WeightMask`: on exit (also after an exception, and in any order
+relative to other weight edits) the original tensors are put back, bit-identical, with their
+``requires_grad`` flags and gradients.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from .._core.context import HookedModule, HookingContext, HookingContextFactory
 from .._core.hooks import Installable
 from .._core.paths import resolve_path
 from ..errors import TdhookError
-from ._edits import WeightSwap
+from ._edits import WeightMask
 
-__all__ = ["Pruning", "PruningAmountError", "PruningContext"]
+__all__ = ["Pruning", "PruningAmountError", "PruningContext", "PruningSpecError"]
 
 #: Module names that are the wrappers around the user's model, never pruned by default_skip.
 _WRAPPER_NAMES = frozenset({"", "td_module", "module"})
@@ -36,6 +37,10 @@ Score = Callable[..., Any]
 
 class PruningAmountError(TdhookError, ValueError):
     """A pruning amount is not a fraction in [0, 1] or a count within the number of weights."""
+
+
+class PruningSpecError(TdhookError, ValueError):
+    """A pruning specification or score does not fit the model (dim out of range, NaN scores...)."""
 
 
 def _check_amount(amount: Any, what: str) -> Amount | None:
@@ -110,6 +115,8 @@ class Pruning(HookingContextFactory):
         ValueError: If neither ``amount_to_prune`` nor ``modules_to_prune`` is given, or a
             structured entry has no amount.
         PruningAmountError: If an amount is outside [0, 1] (fractions) or negative (counts).
+        PruningSpecError: At enter, before any edit: a structured ``dim`` outside a weight's
+            dimensions, or scores that are not finite real tensors of the parameter's shape.
 
     Examples:
         >>> import torch
@@ -151,8 +158,13 @@ class Pruning(HookingContextFactory):
         if modules_to_prune is not None:
             self._structured = {}
             for path, spec in modules_to_prune.items():
-                if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], int)):
-                    raise ValueError(
+                if not (
+                    isinstance(spec, tuple)
+                    and len(spec) == 2
+                    and isinstance(spec[0], int)
+                    and not isinstance(spec[0], bool)
+                ):
+                    raise PruningSpecError(
                         f"modules_to_prune[{path!r}] must be a (dim, amount_or_None) tuple, got {spec!r}."
                     )
                 amount = _check_amount(spec[1], f"modules_to_prune[{path!r}] amount")
@@ -178,10 +190,10 @@ class Pruning(HookingContextFactory):
 
     def _plan(self, hooked: HookedModule) -> list[Installable]:
         root = resolve_path(hooked.root, self._relative_path) if self._relative_path else hooked.root
-        return [WeightSwap(root, functools.partial(self._pruned_weights, root))]
+        return [WeightMask(root, functools.partial(self._masks, root))]
 
     # -- mask computation (called at install time) --------------------------------------------
-    def _pruned_weights(self, root: nn.Module) -> dict[str, torch.Tensor]:
+    def _masks(self, root: nn.Module) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in root.named_parameters()}
         masks = (
             self._global_masks(root, names)
@@ -189,19 +201,34 @@ class Pruning(HookingContextFactory):
             else self._structured_masks(root, names)
         )
         self._last_masks = masks
-        params = dict(root.named_parameters())
-        return {name: params[name].detach() * mask for name, mask in masks.items()}
+        return masks
 
     def _score(self, module_key: str, name: str, parameter: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
             score = self._importance(module_key=module_key, parameter_name=name, parameter=parameter)
         if score is None:
             return None
-        score = torch.as_tensor(score).detach()
+        if not isinstance(score, torch.Tensor):
+            raise PruningSpecError(
+                f"importance_callback returned {type(score).__name__} for {module_key}.{name}; return a tensor "
+                "of the parameter's shape (or None to skip it)."
+            )
+        score = score.detach()
         if score.shape != parameter.shape:
-            raise ValueError(
+            raise PruningSpecError(
                 f"importance_callback returned a score of shape {tuple(score.shape)} for {module_key}.{name} "
                 f"of shape {tuple(parameter.shape)}. Return one score per entry (or None to skip it)."
+            )
+        if score.is_complex() or score.dtype == torch.bool:
+            raise PruningSpecError(
+                f"importance_callback returned a {score.dtype} score for {module_key}.{name}; return real "
+                "(integer or floating-point) scores."
+            )
+        if score.is_floating_point() and not bool(torch.isfinite(score).all()):
+            bad = int((~torch.isfinite(score)).sum())
+            raise PruningSpecError(
+                f"importance_callback returned {bad} NaN or infinite score(s) for {module_key}.{name}; nothing "
+                "was pruned. Return finite scores (e.g. torch.nan_to_num(score))."
             )
         return score
 
@@ -244,9 +271,16 @@ class Pruning(HookingContextFactory):
             module = resolve_path(root, path)
             for name, parameter in module.named_parameters(recurse=False):
                 score = self._score(path, name, parameter)
-                if score is None or score.dim() < 2 or score.dim() <= dim:  # as torch's ln_structured
+                if score is None or score.dim() < 2:  # biases are left as is, as torch's ln_structured
                     continue
-                others = [d for d in range(score.dim()) if d != dim]
+                if not -score.dim() <= dim < score.dim():
+                    raise PruningSpecError(
+                        f"modules_to_prune[{path!r}] prunes along dim={dim}, but {path}.{name} has shape "
+                        f"{tuple(score.shape)} (dims {-score.dim()}..{score.dim() - 1}); nothing was pruned. "
+                        "Use dim=0 for output units or dim=1 for input features."
+                    )
+                axis = dim % score.dim()
+                others = [d for d in range(score.dim()) if d != axis]
                 norm = score.abs().sum(dim=others) if others else score.abs()  # sum(dim=[]) sums everything
                 size = norm.numel()
                 kept = size - _count(amount, size, f"modules_to_prune[{path!r}] amount")
@@ -254,6 +288,6 @@ class Pruning(HookingContextFactory):
                 if kept:
                     mask_1d[torch.topk(norm, k=kept, largest=True).indices] = True
                 shape = [1] * score.dim()
-                shape[dim] = size
+                shape[axis] = size
                 masks[param_names[id(parameter)]] = mask_1d.view(shape).expand_as(score)
         return masks

@@ -13,7 +13,10 @@ written into the user's tensors, and every tensor is restored on exit, even afte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,14 +25,30 @@ from torch import nn
 
 from .._core.context import ROOT_NAME, HookedModule, HookingContext, HookingContextFactory
 from .._core.hooks import Installable
-from ..errors import ContextStateError, TdhookError
+from ..errors import ContextStateError, InvalidInputError, TdhookError
 from ._edits import ParameterSnapshot, WeightSwap, named_tensors
 
-__all__ = ["NoAdequateAlphaError", "TaskVectors", "TaskVectorsContext", "TaskVectorsModule"]
+__all__ = [
+    "NoAdequateAlphaError",
+    "TaskVectorError",
+    "TaskVectors",
+    "TaskVectorsContext",
+    "TaskVectorsModule",
+]
 
 
 class NoAdequateAlphaError(TdhookError, RuntimeError):
     """No candidate scale satisfies the control-adequacy criterion."""
+
+
+class TaskVectorError(TdhookError, ValueError):
+    """A task vector or scale does not fit the model (keys, shapes, NaN/Inf values)."""
+
+
+def _check_alpha(alpha: Any, what: str) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
+        raise TaskVectorError(f"{what} must be a finite number, got {alpha!r}. Example: 0.5.")
+    return float(alpha)
 
 
 def _key(name: str) -> tuple[str, ...]:
@@ -72,6 +91,7 @@ class TaskVectorsModule(HookedModule):
         tensors = named_tensors(self.root)
         self.__dict__["_names"] = list(tensors)
         self.__dict__["_weights"] = _weights_of(tensors)
+        self.__dict__["_open_swaps"] = []
 
     @property
     def weights(self) -> TensorDict:
@@ -88,20 +108,38 @@ class TaskVectorsModule(HookedModule):
                 f"Expected a fine-tuned nn.Module (same architecture) or a TensorDict of weights, got "
                 f"{type(finetuned).__name__}."
             )
+        self._check_like_weights(other, "The fine-tuned weights")
+        return other
+
+    def _check_like_weights(self, other: TensorDictBase, what: str) -> None:
+        """``other`` has the model's tensors (keys and shapes) and only finite values."""
         mine = set(self.weights.keys(include_nested=True, leaves_only=True))
         theirs = set(other.keys(include_nested=True, leaves_only=True))
         if mine != theirs:
-            raise ValueError(
-                f"The fine-tuned weights do not match the model: missing {sorted(mine - theirs)[:5]}, unexpected "
+            raise TaskVectorError(
+                f"{what} do not match the model: missing {sorted(mine - theirs)[:5]}, unexpected "
                 f"{sorted(theirs - mine)[:5]}. Fine-tune a copy of the same architecture (copy.deepcopy(model))."
             )
-        return other
+        for key in sorted(mine):
+            value, want = other.get(key), self.weights.get(key)
+            if not isinstance(value, torch.Tensor) or value.shape != want.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TaskVectorError(
+                    f"{what} do not match the model: {'.'.join(key)} has shape {shape}, expected "
+                    f"{tuple(want.shape)}. Build vectors from a copy of the same architecture."
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TaskVectorError(
+                    f"{what} have NaN or infinite entries in {'.'.join(key)}; nothing was applied. Check the "
+                    "fine-tuned model."
+                )
 
     def get_task_vector(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
         """``weights(finetuned) - weights``.
 
         Raises:
-            ValueError: If ``finetuned`` does not have the model's tensors.
+            TaskVectorError: If ``finetuned`` does not have the model's tensors (names and shapes),
+                or has NaN/Inf values.
         """
         other = self._as_weights(finetuned)
         return other.detach() - self.weights
@@ -114,19 +152,32 @@ class TaskVectorsModule(HookedModule):
         """``weights + alpha * sum(vectors)``; ``alpha=None`` searches it (see :meth:`TaskVectors.compute_alpha`).
 
         Raises:
+            TaskVectorError: If a vector does not have the model's tensors (names and shapes),
+                ``alpha`` is not a finite number, or a result is NaN/Inf.
             ContextStateError: If ``alpha`` is None and the module was not prepared with TaskVectors.
             NoAdequateAlphaError: If no candidate alpha is adequate.
         """
         if not vectors:
-            raise ValueError(
+            raise TaskVectorError(
                 "get_weights needs at least one task vector, e.g. hooked.get_task_vector(finetuned)."
             )
+        for i, vector in enumerate(vectors):
+            if not isinstance(vector, TensorDictBase):
+                raise InvalidInputError(
+                    f"Task vector {i} must be a TensorDict (hooked.get_task_vector(finetuned)), got "
+                    f"{type(vector).__name__}."
+                )
+            self._check_like_weights(vector, f"Task vector {i}")
+        if alpha is not None:
+            alpha = _check_alpha(alpha, "alpha")
         total = vectors[0]
         for vector in vectors[1:]:
             total = total + vector
         if alpha is None:
             alpha = _find_factory(self).compute_alpha(self, total)
-        return self.weights + alpha * total
+        weights = self.weights + alpha * total
+        self._check_like_weights(weights, f"The weights for alpha={alpha}")
+        return weights
 
     @contextlib.contextmanager
     def with_applied_vectors(
@@ -135,10 +186,33 @@ class TaskVectorsModule(HookedModule):
         """Load ``weights + alpha * sum(vectors)`` into the model for the ``with`` body, then restore."""
         weights = self.get_weights(*vectors, alpha=alpha)
         handle = WeightSwap(self.root, {n: weights.get(_key(n)) for n in self.__dict__["_names"]}).install()
+        open_swaps: list[Any] = self.__dict__["_open_swaps"]
+        open_swaps.append(handle)
         try:
             yield self
         finally:
             handle.remove()
+            if handle in open_swaps:
+                open_swaps.remove(handle)
+
+    def _close_open_swaps(self) -> None:
+        """Undo the vectors still applied (a ``with_applied_vectors`` never exited), newest first."""
+        open_swaps: list[Any] = self.__dict__["_open_swaps"]
+        while open_swaps:
+            open_swaps.pop().remove()
+
+
+@dataclass(frozen=True, eq=False)
+class _OpenSwaps:
+    """An installable whose undo closes the vectors the hooked module still has applied."""
+
+    hooked: TaskVectorsModule
+
+    def install(self) -> _OpenSwaps:
+        return self
+
+    def remove(self) -> None:
+        self.hooked._close_open_swaps()
 
 
 class TaskVectorsContext(HookingContext):
@@ -174,7 +248,7 @@ class TaskVectors(HookingContextFactory):
         get_control_adequacy: ``(hooked) -> bool``.
 
     Raises:
-        ValueError: If ``alphas`` is empty or not numbers.
+        TaskVectorError: If ``alphas`` is empty, not numbers, or not finite.
         TypeError: If a callback is not callable.
 
     Examples:
@@ -200,11 +274,17 @@ class TaskVectors(HookingContextFactory):
         get_test_accuracy: Callable[[TaskVectorsModule], float],
         get_control_adequacy: Callable[[TaskVectorsModule], bool],
     ) -> None:
-        alphas = list(alphas)
-        if not alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
-            raise ValueError(
+        if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable):
+            raise TaskVectorError(
                 f"alphas must be a non-empty list of numbers, got {alphas!r}. Example: [0.1, 0.2, 0.5, 1.0]."
             )
+        alphas = list(alphas)
+        if not alphas or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in alphas):
+            raise TaskVectorError(
+                f"alphas must be a non-empty list of numbers, got {alphas!r}. Example: [0.1, 0.2, 0.5, 1.0]."
+            )
+        for a in alphas:
+            _check_alpha(a, f"Every alpha in alphas={alphas!r}")
         for name, fn in (
             ("get_test_accuracy", get_test_accuracy),
             ("get_control_adequacy", get_control_adequacy),
@@ -231,9 +311,11 @@ class TaskVectors(HookingContextFactory):
                 f"TaskVectors needs a TaskVectorsModule, got {type(hooked).__name__}. Prepare it with "
                 "TaskVectors(...).prepare(model) or a CompositeHookingContextFactory."
             )
-        # Vectors are applied during the context; the snapshot restores every tensor at exit
-        # even if an application was interrupted.
-        return [ParameterSnapshot(hooked.root)]
+        # Vectors are applied during the context: at exit, vectors still applied (a
+        # with_applied_vectors never exited) are undone first, then the snapshot puts back
+        # every tensor's grad state. Both are edits of the shared stack (see _edits), so they
+        # compose with other weight edits exited in any order.
+        return [ParameterSnapshot(hooked.root), _OpenSwaps(hooked)]
 
     def compute_alpha(self, hooked: TaskVectorsModule, vector: TensorDictBase) -> float:
         """Search the scale of ``vector`` on ``hooked`` (see the class docstring).

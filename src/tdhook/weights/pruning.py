@@ -1,5 +1,5 @@
 """Compatibility path (tdhook 0.1): ``tdhook.weights.pruning``."""
 
-from ._pruning import Pruning, PruningAmountError, PruningContext
+from ._pruning import Pruning, PruningAmountError, PruningContext, PruningSpecError
 
-__all__ = ["Pruning", "PruningAmountError", "PruningContext"]
+__all__ = ["Pruning", "PruningAmountError", "PruningContext", "PruningSpecError"]

@@ -10,7 +10,7 @@ from tensordict.utils import NestedKey
 from torch import Tensor
 
 from ...errors import InvalidInputError
-from ..stats._checks import as_float, check_finite, read_key
+from ..stats._checks import as_float, check_finite, check_number, read_key
 from ..stats._errors import IncompatibleInputsError, InvalidParameterError
 
 __all__ = [
@@ -52,9 +52,7 @@ def check_k(k: Any, *, minimum: int, message: str) -> KSpec:
 
 def check_eps(eps: Any) -> float:
     """Validate the duplicate threshold (a number ``>= 0``)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise InvalidParameterError(f"eps must be a number >= 0, got {eps!r}.")
-    return float(eps)
+    return check_number(eps, name="eps", minimum=0, hint="Distances <= eps count as duplicates; e.g. 1e-5.")
 
 
 def check_chunk_size(chunk_size: Any) -> int | None:
@@ -88,10 +86,15 @@ def read_points(td: TensorDictBase, key: NestedKey, *, owner: str) -> tuple[Tens
             f"{owner} expects points of shape (N, D) or (..., N, D) at {key!r}, got shape {tuple(x.shape)}; "
             f"add a feature dimension with x.unsqueeze(-1)."
         )
+    if x.shape[-1] == 0:
+        raise IncompatibleInputsError(
+            f"{owner} got points with 0 features at {key!r} (shape {tuple(x.shape)}): every point coincides, so "
+            "no dimension can be estimated. Pass points with at least one feature."
+        )
     x = as_float(x)
     check_finite(x, name=f"{owner} input {key!r}")
     batch = tuple(x.shape[:-2])
-    return x.reshape(-1, x.shape[-2], x.shape[-1]), batch
+    return x.reshape(math.prod(batch), x.shape[-2], x.shape[-1]), batch
 
 
 def format_repr(obj: Any, **fields: Any) -> str:

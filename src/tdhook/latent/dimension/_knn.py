@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...errors import InvalidInputError
-from ..stats._checks import as_float, check_finite
+from ..stats._checks import as_float, check_finite, check_number
 from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError, InvalidParameterError
 
 __all__ = ["KnnResult", "PreparedPoints", "block_keys", "default_chunk_size", "knn", "prepare_points"]
@@ -145,8 +145,8 @@ def knn(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise InvalidParameterError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
-        raise InvalidParameterError(f"eps must be a number >= 0 or None, got {eps!r}.")
+    if eps is not None:
+        check_number(eps, name="eps", minimum=0, hint="Pass None to keep duplicates, or e.g. 1e-5.")
     if not (isinstance(p, (int, float)) and p > 0):
         raise InvalidParameterError(f"p must be a number > 0, got {p!r}.")
     x = as_float(x)
@@ -155,9 +155,14 @@ def knn(
         raise InsufficientSamplesError(
             f"knn with k={k} needs at least k+1 = {k + 1} points per dataset, got {n}; lower k or pass more points."
         )
+    if d == 0:
+        raise IncompatibleInputsError(
+            f"knn got points with 0 features (shape {tuple(x.shape)}): every point coincides, so neighbours "
+            "are undefined. Pass points with at least one feature."
+        )
     check_finite(x, name="knn input x")
     batch = x.shape[:-2]
-    flat = x.reshape(-1, n, d)
+    flat = x.reshape(math.prod(batch), n, d)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     distances = torch.empty(flat.shape[0], n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(flat.shape[0], n, k, dtype=torch.long, device=x.device)

@@ -18,6 +18,7 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
+from ..stats._checks import check_number
 from ..stats._errors import InsufficientSamplesError, InvalidParameterError
 from ._common import AUTO, KSpec, auto_k, check_k, format_repr, init_io, read_points
 from ._knn import BLOCK_ELEMENTS, knn
@@ -125,7 +126,13 @@ class LocalPcaDimensionEstimator(TensorDictModuleBase):
         super().__init__()
         self.k = check_k(k, minimum=1, message="k must be at least 1")
         self.criterion = _parse_criterion(criterion)
-        self.alpha = float(alpha)
+        self.alpha = check_number(
+            alpha,
+            name="alpha",
+            minimum=0,
+            maximum=1,
+            hint="It is a fraction of the largest eigenvalue, e.g. 0.05.",
+        )
         init_io(self, in_key, out_key, eps, chunk_size)
 
     def __repr__(self) -> str:

@@ -8,7 +8,7 @@ from ._estimators import (
     TorchEstimator,
 )
 from ._probes import BilinearProbe, BilinearProbeManager, Probe, ProbeManager, StepType
-from ._probing import Probing
+from ._probing import ProbesNeverFiredWarning, Probing
 
 __all__ = [
     "BilinearEstimator",
@@ -19,6 +19,7 @@ __all__ = [
     "MeanDifferenceClassifier",
     "Probe",
     "ProbeManager",
+    "ProbesNeverFiredWarning",
     "Probing",
     "StepType",
     "TorchEstimator",

@@ -429,6 +429,24 @@ class BilinearProbeManager(_ManagerBase):
                 return k
         return None
 
+    def check_probed(self, names: Sequence[str]) -> None:
+        """Refuse pairs naming a module that ``names`` (the modules a Probing context probes) lacks.
+
+        :class:`Probing` calls it at enter, before creating probes.
+
+        Raises:
+            ProbingError: Naming the pair, the missing key and the probed names.
+        """
+        probed = {self._pair_key(name) for name in names}
+        for pair in self._pairs:
+            missing = [k for k in pair if k not in probed]
+            if missing:
+                raise ProbingError(
+                    f"Bilinear pair {pair!r} names {missing}, which this Probing context does not probe (probed "
+                    f"modules: {sorted(names)[:10]}); the pair would never be fitted. Use module names of the "
+                    "model in pairs, and key_pattern=manager.key_pattern."
+                )
+
     def probe_factory(self, key: str, direction: str) -> _Dispatcher:
         """Return the dispatcher for module ``key``; pair probes are created on first use."""
         pair_key = self._pair_key(key)

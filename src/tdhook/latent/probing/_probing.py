@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,13 +12,17 @@ from tensordict import NonTensorData, NonTensorStack, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
-from ..._core.context import HookedModule, HookingContextFactory
+from ..._core.context import HookedModule, HookingContext, HookingContextFactory
 from ..._core.hooks import HookDirection, HookSpec, _default_value
 from ..._core.keys import check_keys
 from ..._core.paths import select_modules
-from ...errors import TdhookError
+from ...errors import TdhookError, TdhookWarning
 
-__all__ = ["Probing"]
+__all__ = ["ProbesNeverFiredWarning", "Probing"]
+
+
+class ProbesNeverFiredWarning(TdhookWarning):
+    """Some probes of a :class:`Probing` context never received an activation."""
 
 
 def _plain(value: Any) -> Any:
@@ -36,9 +42,11 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class _Extras:
-    """The additional TensorDict entries of the current call, shared by the probe hooks."""
+    """The additional TensorDict entries of the current call, shared by the probe hooks, and
+    which probes have fired since enter."""
 
     items: dict[str, Any] = field(default_factory=dict)
+    fired: set[tuple[str, HookDirection]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class _ProbeHook:
     name: str = ""
 
     def __call__(self, *args: Any) -> None:
+        self.extras.fired.add((self.name, self.direction))
         try:
             self.probe.step(_default_value(self.direction, args), **self.extras.items)
         except Exception as err:
@@ -91,6 +100,18 @@ class Probing(HookingContextFactory):
         classes_to_hook: Only modules of these classes are probed (default: all).
         classes_to_skip: Modules of these classes are skipped (default: containers, i.e.
             ``nn.ModuleList``, ``nn.Sequential`` and TensorDict modules).
+
+    Probes that never fire during a context (a ``"bwd"`` probe without a ``.backward()`` in
+    the ``with`` block, a module the forward pass skips) are reported at a normal exit with a
+    :class:`ProbesNeverFiredWarning` naming them: their estimators saw no data (an exit by an
+    exception does not warn). The entries of
+    ``additional_keys`` of a call stay available until the next call, so backward probes get
+    the labels of the forward they belong to.
+
+    A probe factory whose owner has a ``check_probed(names)`` method (e.g.
+    :meth:`BilinearProbeManager.check_probed`) is asked, at enter and before any probe is
+    created, to check the probed module names; a pair naming a module that is not probed is
+    refused there.
 
     Examples:
         >>> import torch
@@ -135,6 +156,7 @@ class Probing(HookingContextFactory):
         self._classes_to_hook = tuple(classes_to_hook or self.default_classes_to_hook)
         self._classes_to_skip = tuple(classes_to_skip or self.default_classes_to_skip)
         self._extras = _Extras()
+        self._planned: list[tuple[str, HookDirection]] = []
 
     @property
     def key_pattern(self) -> str:
@@ -156,6 +178,11 @@ class Probing(HookingContextFactory):
             classes_to_hook=self._classes_to_hook,
             classes_to_skip=self._classes_to_skip,
         )
+        names = [name for name, _ in selected]
+        check = getattr(getattr(self._probe_factory, "__self__", None), "check_probed", None)
+        if callable(check):  # e.g. BilinearProbeManager: every pair key must be probed
+            check(names)
+        self._planned = [(name, d) for d in self._directions for name in names]
         specs = []
         for direction in self._directions:
             for name, module in selected:
@@ -171,7 +198,33 @@ class Probing(HookingContextFactory):
             self._extras.items = {
                 (k if isinstance(k, str) else "_".join(k)): _plain(td.get(k)) for k in self._additional_keys
             }
-        try:
-            return call_next(td, **kwargs)
-        finally:
-            self._extras.items = {}
+        # The entries stay until the next call or the exit, so that backward hooks (a
+        # ``.backward()`` after the call) see the labels of the forward they belong to.
+        return call_next(td, **kwargs)
+
+    def _enter(self, context: HookingContext) -> None:
+        self._extras.items = {}
+        self._extras.fired = set()
+        self._planned = []
+
+    def _exit(self, context: HookingContext) -> None:
+        silent = [(n, d) for n, d in self._planned if (n, d) not in self._extras.fired]
+        self._extras.items = {}
+        self._extras.fired = set()
+        self._planned = []
+        if silent and sys.exc_info()[1] is None:  # an exit by an exception says enough
+            backward = any(d in (HookDirection.BWD, HookDirection.BWD_PRE) for _, d in silent)
+            listed = ", ".join(f"{n!r} ({d.value})" for n, d in silent[:5]) + (
+                " ..." if len(silent) > 5 else ""
+            )
+            warnings.warn(
+                f"Probing: {len(silent)} probe(s) never fired in this context: {listed}; their estimators "
+                "saw no data and have no metrics. "
+                + (
+                    "Backward probes fire only when you call .backward() on an output inside the `with` block."
+                    if backward
+                    else "Those modules did not run: call the hooked module inside the `with` block."
+                ),
+                ProbesNeverFiredWarning,
+                stacklevel=3,
+            )

@@ -8,7 +8,7 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 
 from ..dimension._common import check_chunk_size, format_repr
-from ..stats._errors import InvalidParameterError
+from ..stats._checks import check_number
 from ._kernels import CkaKernel, linear_cka, parse_kernel, rbf_cka
 from ._validation import empty_output, read_pair
 
@@ -65,14 +65,14 @@ class CkaEstimator(TensorDictModuleBase):
     ) -> None:
         super().__init__()
         self.kernel = parse_kernel(kernel)
-        if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
-            raise InvalidParameterError(
-                f"sigma must be a number > 0 or None (median heuristic), got {sigma!r}."
+        if sigma is not None:
+            check_number(
+                sigma, name="sigma", minimum=0, strict=True, hint="Pass None for the median heuristic."
             )
         self.in_key_a = in_key_a
         self.in_key_b = in_key_b
         self.out_key = out_key
-        self.eps = float(eps)
+        self.eps = check_number(eps, name="eps", minimum=0, hint="e.g. 1e-12.")
         self.sigma = None if sigma is None else float(sigma)
         self.chunk_size = check_chunk_size(chunk_size)
         self.in_keys = [in_key_a, in_key_b]

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..stats._checks import as_float, as_tensor, check_finite
+from ..stats._checks import as_float, as_tensor, check_finite, check_number
 from ..stats._distributed import all_reduce_sum, require_process_group
-from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError, InvalidParameterError
+from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError
 from ._kernels import CkaKernel, cka_from_hsic, gram_matrix, hsic_unbiased, parse_kernel
 
 __all__ = ["StreamingCka"]
@@ -44,12 +44,12 @@ class StreamingCka:
         self, kernel: CkaKernel | str = CkaKernel.LINEAR, *, sigma: float | None = None, eps: float = 1e-12
     ) -> None:
         self.kernel = parse_kernel(kernel)
-        if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
-            raise InvalidParameterError(
-                f"sigma must be a number > 0 or None (median heuristic), got {sigma!r}."
+        if sigma is not None:
+            check_number(
+                sigma, name="sigma", minimum=0, strict=True, hint="Pass None for the median heuristic."
             )
         self.sigma = None if sigma is None else float(sigma)
-        self.eps = float(eps)
+        self.eps = check_number(eps, name="eps", minimum=0, hint="e.g. 1e-12.")
         self._sums: Tensor | None = None  # [HSIC(K,L), HSIC(K,K), HSIC(L,L), number of batches]
 
     def __repr__(self) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
 from ..stats._checks import as_float, check_finite, read_key
-from ..stats._errors import IncompatibleInputsError
+from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError
 
 __all__ = ["read_pair"]
 
@@ -59,12 +61,24 @@ def read_pair(
             f"Expected both tensors on the same device, got {a.device} at {key_a!r} and {b.device} at "
             f"{key_b!r}; move one with .to(device)."
         )
+    for key, x in ((key_a, a), (key_b, b)):
+        if x.shape[-1] == 0:
+            raise IncompatibleInputsError(
+                f"{method} got 0 features at {key!r} (shape {tuple(x.shape)}): every sample coincides, so the "
+                "views cannot be compared. Pass views with at least one feature."
+            )
+    if a.shape[-2] == 0 and a.numel() == 0 and math.prod(a.shape[:-2]) > 0:
+        raise InsufficientSamplesError(
+            f"{method} got 0 samples at {key_a!r} and {key_b!r} (shapes {tuple(a.shape)} and {tuple(b.shape)}); "
+            "pass at least 2 samples per view."
+        )
     a, b = as_float(a), as_float(b)
     check_finite(a, name=f"{owner} input {key_a!r}")
     check_finite(b, name=f"{owner} input {key_b!r}")
     batch = tuple(a.shape[:-2])
     n = a.shape[-2]
-    return a.reshape(-1, n, a.shape[-1]), b.reshape(-1, n, b.shape[-1]), batch
+    size = math.prod(batch)
+    return a.reshape(size, n, a.shape[-1]), b.reshape(size, n, b.shape[-1]), batch
 
 
 def empty_output(batch: tuple[int, ...], device: torch.device) -> Tensor:

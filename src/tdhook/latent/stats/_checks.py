@@ -6,6 +6,8 @@ they name the offending key or argument, what was expected, and one fix.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -16,7 +18,15 @@ from torch import Tensor
 from ...errors import InvalidInputError, MissingKeyError
 from ._errors import InvalidParameterError, NonFiniteInputError
 
-__all__ = ["as_float", "as_tensor", "check_finite", "check_positive_int", "read_key", "suffix_key"]
+__all__ = [
+    "as_float",
+    "as_tensor",
+    "check_finite",
+    "check_number",
+    "check_positive_int",
+    "read_key",
+    "suffix_key",
+]
 
 
 def as_float(x: Tensor) -> Tensor:
@@ -85,6 +95,48 @@ def check_positive_int(value: Any, *, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise InvalidParameterError(f"{name} must be an int >= {minimum}, got {value}.")
     return value
+
+
+def check_number(
+    value: Any,
+    *,
+    name: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict: bool = False,
+    hint: str = "",
+) -> float:
+    """Return ``value`` as a float if it is a finite real number within the range.
+
+    Args:
+        value: The value passed by the user.
+        name: The argument name for the message.
+        minimum: Smallest valid value (excluded when ``strict``).
+        maximum: Largest valid value (always included).
+        strict: Exclude ``minimum`` itself.
+        hint: One fix, appended to the message.
+
+    Raises:
+        InvalidParameterError: If ``value`` is not a real number (bools and strings included),
+            NaN, infinite or out of range (a ``ValueError``).
+    """
+    low = "" if minimum is None else f"{'>' if strict else '>='} {minimum}"
+    high = "" if maximum is None else f"<= {maximum}"
+    expected = (
+        "a finite number"
+        + (f" {low}" if low else "")
+        + (f" and {high}" if low and high else f" {high}" if high else "")
+    )
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        raise InvalidParameterError(
+            f"{name} must be {expected}, got {value!r}." + (f" {hint}" if hint else "")
+        )
+    return float(value)
 
 
 def read_key(td: TensorDictBase, key: NestedKey, *, owner: str) -> Tensor:

@@ -17,6 +17,7 @@ from tensordict import TensorDict, TensorDictBase
 from .._core.context import HookedModule, HookingContextFactory
 from .._core.hooks import HookDirection, HookSpec, check_callback
 from .._core.keys import check_keys
+from ..targets import Target
 from ._patching import (
     InterventionError,
     InterventionShapeError,
@@ -26,9 +27,9 @@ from ._patching import (
     check_keywords,
     fit_replacement,
     join_key,
-    normalize_module_keys,
     recording_plan,
 )
+from ._targeted import CallbackByModule, TargetSteer, method_modules
 
 __all__ = ["ActivationAddition", "SteeringVectors"]
 
@@ -94,7 +95,10 @@ class SteeringVectors(HookingContextFactory):
     :class:`ActivationAddition`).
 
     Args:
-        modules_to_steer: Module paths, relative to the model.
+        modules_to_steer: Module paths, relative to the model, or
+            :class:`~tdhook.targets.Target` values: ``steer_fn`` (or the vector, keyed by the
+            target's ``module_path``) then acts on the selected sub-tensor only, and the rest of
+            the output (other units, other items of a tuple) is kept.
         steer_fn: ``steer_fn(module_key, output)`` returning the new output (same type and shape),
             or None to keep it.
         vectors: Steering vectors by module key (a dict or a TensorDict), used when ``steer_fn``
@@ -119,13 +123,13 @@ class SteeringVectors(HookingContextFactory):
 
     def __init__(
         self,
-        modules_to_steer: str | Sequence[str],
+        modules_to_steer: str | Target | Sequence[str | Target],
         steer_fn: Callable[..., Any] | None = None,
         *,
         vectors: Mapping[str, torch.Tensor] | TensorDictBase | None = None,
         scale: float = 1.0,
     ) -> None:
-        self._modules = normalize_module_keys(modules_to_steer, "modules_to_steer")
+        self._modules, self._targets = method_modules(modules_to_steer, "modules_to_steer", "SteeringVectors")
         if (steer_fn is None) == (vectors is None):
             raise ValueError(
                 "SteeringVectors needs exactly one of steer_fn and vectors, got "
@@ -157,9 +161,13 @@ class SteeringVectors(HookingContextFactory):
                 )
         return table
 
+    def _steer_for(self, key: str) -> Callable[..., Any]:
+        target = self._targets.get(key)
+        return self._steer_fn if target is None else TargetSteer(target, self._steer_fn)
+
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
         return [
-            HookSpec(hooked.resolve(key), SteeringHook(key, self._steer_fn), HookDirection.FWD)
+            HookSpec(hooked.resolve(key), SteeringHook(key, self._steer_for(key)), HookDirection.FWD)
             for key in self._modules
         ]
 
@@ -177,7 +185,9 @@ class ActivationAddition(HookingContextFactory):
     the vector is the difference itself, unreduced (0.1 collapsed it to a scalar).
 
     Args:
-        modules_to_steer: Module paths, relative to the model.
+        modules_to_steer: Module paths, relative to the model, or
+            :class:`~tdhook.targets.Target` values (the vector of the target's selected units,
+            under its ``module_path``).
         positive_key: Branch holding the positive inputs.
         negative_key: Branch holding the negative inputs.
         steer_key: Where the vectors are written.
@@ -207,14 +217,16 @@ class ActivationAddition(HookingContextFactory):
 
     def __init__(
         self,
-        modules_to_steer: str | Sequence[str],
+        modules_to_steer: str | Target | Sequence[str | Target],
         positive_key: str = "positive",
         negative_key: str = "negative",
         steer_key: str = "steer",
         clean_intermediate_keys: bool = True,
         cache_callback: Callable[..., Any] | None = None,
     ) -> None:
-        self._modules = normalize_module_keys(modules_to_steer, "modules_to_steer")
+        self._modules, self._targets = method_modules(
+            modules_to_steer, "modules_to_steer", "ActivationAddition"
+        )
         self._positive_key = positive_key
         self._negative_key = negative_key
         self._steer_key = steer_key
@@ -228,7 +240,8 @@ class ActivationAddition(HookingContextFactory):
         return list(self._modules)
 
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
-        return recording_plan(hooked, self._modules, self._state, self._cache_callback)
+        record = CallbackByModule.build(hooked.resolve, self._targets, self._cache_callback)
+        return recording_plan(hooked, self._modules, self._state, record)
 
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any

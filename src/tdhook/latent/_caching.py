@@ -6,11 +6,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tensordict import TensorDictBase
+from tensordict.utils import NestedKey, unravel_key
+from torch import nn
 
 from .._core.context import HookedModule, HookingContext, HookingContextFactory, HookingContextWithCache
 from .._core.hooks import CachingHook, HookDirection, HookSpec, check_callback
 from .._core.paths import select_modules
 from ..errors import InvalidInputError
+from ..targets import Target
+from ._targeted import TargetCallback, check_cache_key, publish_cache, target_list
 
 __all__ = ["ActivationCaching"]
 
@@ -24,7 +28,10 @@ class ActivationCaching(HookingContextFactory):
     Args:
         key_pattern: Regular expression matched with ``re.match`` against module names
             (relative to the model root, or absolute ``td_module.…`` names when ``relative`` is
-            False). A pattern that matches nothing raises.
+            False). A pattern that matches nothing raises. Or a
+            :class:`~tdhook.targets.Target` (or a list of them): each target's selected
+            sub-tensor (units, a leaf of a tuple output) is cached under its ``module_path``;
+            targeted caching is forward-only and needs ``relative=True``.
         relative: Match relative (True) or absolute names.
         cache: A TensorDict to write into, used by reference.
         callback: ``callback(module, args, output, key, direction)`` returning the value to
@@ -40,6 +47,12 @@ class ActivationCaching(HookingContextFactory):
         accumulate_dim: The dimension ``accumulate`` concatenates along: 0 (the batch) for a
             dataset, 1 (the sequence) for the steps of ``model.generate`` with a key-value cache,
             which gives the activations of the whole generated sequence.
+        cache_key: Also publish a snapshot of the cache into each TensorDict the hooked module
+            returns, under this key (e.g. ``"cache"``: ``("cache", "linear1")`` sits next to
+            ``"output"``). ``None`` (the default) keeps tdhook 0.1's behaviour: the cache lives
+            in the context only. A key overlapping a model input or output key raises
+            ``ValueError`` at enter; entries must start with the call's batch dimensions, and
+            ``accumulate=True`` is refused.
 
     Structured values (one rule, :func:`~tdhook._core.hooks.nested_storable`): a tensor or a
     TensorDict is stored as it is; a tuple or list becomes nested entries ``"0"``, ``"1"``...,
@@ -62,7 +75,7 @@ class ActivationCaching(HookingContextFactory):
 
     def __init__(
         self,
-        key_pattern: str,
+        key_pattern: str | Target | Sequence[Target],
         relative: bool = True,
         cache: TensorDictBase | None = None,
         callback: Callable[..., Any] | None = None,
@@ -73,9 +86,10 @@ class ActivationCaching(HookingContextFactory):
         accumulate: bool = False,
         detach: bool = False,
         accumulate_dim: int = 0,
+        cache_key: NestedKey | None = None,
     ) -> None:
-        self.key_pattern = key_pattern
         self._relative = relative
+        self.key_pattern = key_pattern
         self._cache = cache
         self._clear_cache = clear_cache
         self._callback = callback
@@ -90,14 +104,44 @@ class ActivationCaching(HookingContextFactory):
                 f"accumulate_dim must be an int (0: batch, 1: sequence), got {accumulate_dim!r}."
             )
         self._accumulate_dim = accumulate_dim
+        self._check_targets()
+        if cache_key is not None and accumulate:
+            raise ValueError(
+                "cache_key publishes the cache into each returned TensorDict, which needs entries of the call's "
+                "batch; with accumulate=True they grow across calls. Read context.cache instead (cache_key=None)."
+            )
+        self._cache_key = None if cache_key is None else unravel_key(cache_key)
 
     @property
-    def key_pattern(self) -> str:
+    def key_pattern(self) -> str | Target | Sequence[Target]:
         return self._key_pattern
 
     @key_pattern.setter
-    def key_pattern(self, value: str) -> None:
+    def key_pattern(self, value: str | Target | Sequence[Target]) -> None:
+        self._targets = target_list(value)
         self._key_pattern = value
+        if hasattr(self, "_directions"):
+            self._check_targets()
+
+    def _check_targets(self) -> None:
+        """Targeted caching is forward-only and relative (checked at construction and on change)."""
+        if self._targets is None:
+            return
+        if not self._relative:
+            raise ValueError(
+                "Caching Targets needs relative=True: a Target's module_path is relative to the model."
+            )
+        if self._directions != [HookDirection.FWD]:
+            raise ValueError(
+                f"Caching Targets is forward-only (directions=['fwd']), got {[d.value for d in self._directions]}. "
+                "Use tdhook.session.HookSession for inputs and gradients."
+            )
+
+    def _modules_to_cache(self, root: nn.Module) -> list[tuple[str, nn.Module, Callable[..., Any] | None]]:
+        if self._targets is None:
+            pattern: Any = self._key_pattern  # patterns, as given (targets are handled below)
+            return [(name, module, self._callback) for name, module in select_modules(root, pattern)]
+        return [(t.module_path, t.validate(root), TargetCallback(t, self._callback)) for t in self._targets]
 
     @staticmethod
     def _context_cache(context: HookingContext | None) -> TensorDictBase:
@@ -110,14 +154,16 @@ class ActivationCaching(HookingContextFactory):
         cache = self._cache if self._cache is not None else self._context_cache(context)
         root = hooked.root if self._relative else hooked
         specs = []
+        if self._cache_key is not None:
+            check_cache_key(self._cache_key, [*hooked.in_keys, *hooked.out_keys])
         for direction in self._directions:
-            for name, module in select_modules(root, self._key_pattern):
+            for name, module, callback in self._modules_to_cache(root):
                 key = (direction.value, name) if self._nested else name
                 hook = CachingHook(
                     key,
                     cache,
                     direction,
-                    self._callback,
+                    callback,
                     self._detach,
                     self._accumulate,
                     nested=True,
@@ -125,3 +171,12 @@ class ActivationCaching(HookingContextFactory):
                 )
                 specs.append(HookSpec(module, hook, direction))
         return specs
+
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        result = call_next(td, **kwargs)
+        if self._cache_key is not None:
+            cache = self._cache if self._cache is not None else self._context_cache(hooked.hooking_context)
+            publish_cache(result, self._cache_key, cache)
+        return result

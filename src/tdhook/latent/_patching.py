@@ -26,6 +26,8 @@ from .._core.context import HookedModule, HookingContextFactory
 from .._core.hooks import HookDirection, HookSpec, _fit_replacement, check_callback
 from .._core.keys import check_keys
 from ..errors import HookSignatureError, TdhookError
+from ..targets import Target
+from ._targeted import CallbackByModule, PatchByKey, method_modules
 
 __all__ = ["ActivationPatching", "InterventionError", "InterventionShapeError"]
 
@@ -230,7 +232,10 @@ class ActivationPatching(HookingContextFactory):
     key of the module that fired.
 
     Args:
-        modules_to_patch: Module paths, relative to the model (``"layers[0].mlp"``).
+        modules_to_patch: Module paths, relative to the model (``"layers[0].mlp"``), or
+            :class:`~tdhook.targets.Target` values: only the selected sub-tensor (units, a leaf
+            of a tuple output) is recorded and patched, the rest of the output is kept, and
+            ``patch_fn`` receives the selections.
         patch_key: Key of the patched branch: its inputs are read from ``(patch_key, in_key)``
             and its outputs written to ``(patch_key, out_key)``.
         clean_intermediate_keys: When False, the clean activations are also written to the
@@ -258,13 +263,14 @@ class ActivationPatching(HookingContextFactory):
 
     def __init__(
         self,
-        modules_to_patch: str | Sequence[str],
+        modules_to_patch: str | Target | Sequence[str | Target],
         patch_key: str = "patched",
         clean_intermediate_keys: bool = True,
         patch_fn: Callable[..., Any] | None = None,
         cache_callback: Callable[..., Any] | None = None,
     ) -> None:
-        self._modules = normalize_module_keys(modules_to_patch, "modules_to_patch")
+        keys, self._targets = method_modules(modules_to_patch, "ActivationPatching")
+        self._modules = normalize_module_keys(keys, "modules_to_patch")
         self._patch_key = patch_key
         self._clean_intermediate_keys = clean_intermediate_keys
         check_keywords(patch_fn, ("module_key", "output", "output_to_patch"), "patch_fn")
@@ -282,7 +288,9 @@ class ActivationPatching(HookingContextFactory):
         return self._patch_key
 
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
-        return recording_plan(hooked, self._modules, self._state, self._cache_callback, self._patch_fn)
+        record = CallbackByModule.build(hooked.resolve, self._targets, self._cache_callback)
+        patch = PatchByKey.build(self._targets, self._patch_fn)
+        return recording_plan(hooked, self._modules, self._state, record, patch)
 
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any

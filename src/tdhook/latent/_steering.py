@@ -27,6 +27,7 @@ from ._patching import (
     check_keywords,
     fit_replacement,
     join_key,
+    normalize_module_keys,
     recording_plan,
 )
 from ._targeted import CallbackByModule, TargetSteer, method_modules
@@ -129,7 +130,8 @@ class SteeringVectors(HookingContextFactory):
         vectors: Mapping[str, torch.Tensor] | TensorDictBase | None = None,
         scale: float = 1.0,
     ) -> None:
-        self._modules, self._targets = method_modules(modules_to_steer, "modules_to_steer", "SteeringVectors")
+        keys, self._targets = method_modules(modules_to_steer, "SteeringVectors")
+        self._modules = normalize_module_keys(keys, "modules_to_steer")
         if (steer_fn is None) == (vectors is None):
             raise ValueError(
                 "SteeringVectors needs exactly one of steer_fn and vectors, got "
@@ -224,9 +226,8 @@ class ActivationAddition(HookingContextFactory):
         clean_intermediate_keys: bool = True,
         cache_callback: Callable[..., Any] | None = None,
     ) -> None:
-        self._modules, self._targets = method_modules(
-            modules_to_steer, "modules_to_steer", "ActivationAddition"
-        )
+        keys, self._targets = method_modules(modules_to_steer, "ActivationAddition")
+        self._modules = normalize_module_keys(keys, "modules_to_steer")
         self._positive_key = positive_key
         self._negative_key = negative_key
         self._steer_key = steer_key

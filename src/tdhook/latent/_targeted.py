@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
 from torch import nn
 
-from ..errors import TargetError
+from ..errors import InvalidInputError, TargetError
 from ..targets import Target, TargetKind
-from ._patching import normalize_module_keys
 
 __all__ = [
     "CallbackByModule",
@@ -25,20 +26,23 @@ __all__ = [
     "TargetCallback",
     "TargetPatch",
     "TargetSteer",
+    "check_cache_key",
     "check_method_target",
     "method_modules",
+    "publish_cache",
     "split_targets",
+    "target_list",
 ]
 
 
-def method_modules(
-    items: str | Target | Sequence[str | Target], what: str, method: str
-) -> tuple[list[str], dict[str, Target]]:
-    """``modules_to_patch``/``modules_to_steer``: paths and targets, as module keys and the targets by key."""
+def method_modules(items: Any, method: str) -> tuple[Any, dict[str, Target]]:
+    """``modules_to_patch``/``modules_to_steer`` as a list of module keys (targets replaced by their
+    ``module_path``; the caller checks the keys) and the targets by key."""
     if isinstance(items, (str, Target)):
         items = [items]
-    keys, targets = split_targets(list(items), method)
-    return normalize_module_keys(keys, what), targets
+    if not isinstance(items, (list, tuple)):
+        return items, {}  # left to the caller's check, which names the bad value
+    return split_targets(list(items), method)
 
 
 def check_method_target(target: Target, method: str) -> Target:
@@ -175,3 +179,51 @@ class PatchByKey:
         if self.default is None:
             return None
         return self.default(module_key=module_key, output=output, output_to_patch=output_to_patch)
+
+
+def target_list(value: Any) -> list[Target] | None:
+    """``ActivationCaching``'s ``key_pattern`` as targets, or ``None`` for patterns (strings)."""
+    if isinstance(value, Target):
+        check_method_target(value, "ActivationCaching")
+        return [value]
+    if isinstance(value, (list, tuple)) and value and any(isinstance(v, Target) for v in value):
+        if not all(isinstance(v, Target) for v in value):
+            raise InvalidInputError(
+                f"key_pattern must be either patterns (str) or Targets, not a mix: got {value!r}. Use one "
+                "ActivationCaching per kind, or Targets for every module."
+            )
+        keys, targets = split_targets(list(value), "ActivationCaching")
+        return [targets[k] for k in keys]
+    return None
+
+
+def _as_tuple(key: NestedKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
+def check_cache_key(cache_key: NestedKey, model_keys: Sequence[NestedKey]) -> None:
+    """Refuse a publication key equal to, inside, or containing one of the model's keys."""
+    mine = _as_tuple(cache_key)
+    for key in model_keys:
+        other = _as_tuple(key)
+        n = min(len(mine), len(other))
+        if mine[:n] == other[:n]:
+            raise ValueError(
+                f"cache_key {cache_key!r} overlaps the model's keys ({key!r}); the published cache would "
+                "overwrite (or sit inside) a model input or output. Pick another key, e.g. 'cache'."
+            )
+
+
+def publish_cache(result: Any, cache_key: NestedKey, cache: TensorDictBase) -> None:
+    """Write a snapshot of ``cache`` (its current entries) into ``result`` under ``cache_key``."""
+    if not isinstance(result, TensorDictBase):
+        return
+    snapshot = cache.clone() if cache.is_locked else cache.copy()  # locked caches are written in place
+    try:
+        snapshot.batch_size = result.batch_size
+    except RuntimeError as err:
+        raise ValueError(
+            f"Cannot publish the cache under {cache_key!r}: an entry does not start with the TensorDict's batch "
+            f"shape {tuple(result.batch_size)} ({err}). Read context.cache instead (cache_key=None)."
+        ) from None
+    result.set(cache_key, snapshot)

@@ -192,14 +192,18 @@ class _Occurrences:
 
 
 class _GradTap(torch.autograd.Function):
-    """Identity in the forward; in the backward, hands the gradient to ``tap`` (which may replace it)."""
+    """Identity in the forward; in the backward, hands the gradient to ``tap`` (which may replace it).
+
+    The forward returns a copy, not a view, so the model may modify it in place afterwards
+    (``nn.ReLU(inplace=True)``), which torch's own full backward hooks refuse.
+    """
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, tap: Callable[[torch.Tensor], torch.Tensor | None]
     ) -> torch.Tensor:
         ctx.tap = tap
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

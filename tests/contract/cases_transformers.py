@@ -8,7 +8,7 @@ import torch
 import transformers
 from tensordict import TensorDict
 
-from tdhook.transformers import HeadAblation, HeadCaching, HeadPatching, LogitLens
+from tdhook.transformers import AttributionPatching, HeadAblation, HeadCaching, HeadPatching, LogitLens
 
 from ._case import ContractCase
 
@@ -38,5 +38,12 @@ CASES = [
     ContractCase("head-caching", lambda: HeadCaching(), tiny_gpt2, _data, HF),
     ContractCase("head-patching", lambda: HeadPatching([(0, 1), (1, 0)]), tiny_gpt2, _data, HF),
     ContractCase("head-ablation", lambda: HeadAblation([(1, 1)], mode="mean"), tiny_gpt2, _data, HF),
+    ContractCase(
+        "attribution-patching",
+        lambda: AttributionPatching(lambda logits: logits[:, -1, 0] - logits[:, -1, 1]),
+        tiny_gpt2,
+        _data,
+        HF,
+    ),
     ContractCase("logit-lens", lambda: LogitLens(position=-1), tiny_gpt2, _data, HF),
 ]

@@ -1,10 +1,11 @@
-"""Mechanistic interpretability on transformers: head targets, logit lens, attribution patching.
+"""Mechanistic interpretability on transformers: head targets, logit lens, attribution patching, generation.
 
 Works on Hugging Face models (GPT-2 and Llama-style layouts are recognised; describe others with
 a :class:`TransformerSpec`) and on any model whose layout a spec describes. Importing this module
 does not import ``transformers``. See ``docs/transformers.md``.
 """
 
+from ._attribution_patching import AttributionPatching
 from ._generation import PromptPatch
 from ._heads import (
     AblationMode,
@@ -19,6 +20,7 @@ from ._spec import HeadIndexError, TransformerSpec, UnknownArchitectureError
 
 __all__ = [
     "AblationMode",
+    "AttributionPatching",
     "HeadAblation",
     "HeadCaching",
     "HeadIndexError",

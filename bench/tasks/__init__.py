@@ -18,11 +18,13 @@ TASKS = (
     "lrp_zennit",
     "caching_gpt2",
     "caching_gpt2_tl",
+    "caching_gpt2_hf",
     "hook_overhead",
     "intervention",
     "composed",
     "twonn_dense",
     "probes_sklearn",
+    "attribution_patching_gpt2",
 )
 
 

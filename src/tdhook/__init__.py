@@ -32,6 +32,7 @@ __all__ = [
     "session",
     "sources",
     "targets",
+    "transformers",
     "weights",
 ]
 

@@ -145,7 +145,8 @@ class StreamingLogisticRegression:
             ``self``.
 
         Raises:
-            IncompatibleInputsError: On shape mismatches or a label that is not a known class.
+            IncompatibleInputsError: On shape mismatches, a label that is not a known class, or
+                continuous (non-whole, NaN) labels.
             NonFiniteInputError: If ``X`` holds NaN or inf.
         """
         x, labels = self._check_xy(X, y)
@@ -251,6 +252,16 @@ class StreamingLogisticRegression:
                 f"y must have shape (n,) = ({x.shape[0]},) to match X, got {tuple(labels.shape)}."
             )
         check_finite(x, name="X")
+        if labels.is_floating_point():
+            continuous = labels != labels.round()  # NaN included
+            if bool(continuous.any()):
+                examples = labels[continuous][:3].tolist()
+                raise IncompatibleInputsError(
+                    f"y holds continuous values such as {examples} ({int(continuous.sum())} of {labels.numel()} "
+                    "labels are not whole numbers), but StreamingLogisticRegression is a classifier and needs "
+                    "class labels. For continuous targets use StreamingLinearRegression; for classes, pass "
+                    "integer labels (e.g. y.round().long() if they are class ids stored as floats)."
+                )
         return x.flatten(1), labels
 
     # ---------------------------------------------------------------- predicting

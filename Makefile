@@ -47,12 +47,12 @@ test-slow: venv  ## only the tests marked slow (examples end to end, multi-proce
 test-all: test test-slow  ## what CI runs: everything
 
 # The seed notebook imports torchrl.collectors.SyncDataCollector, which torchrl 0.13 removed: it runs
-# verbatim with the pinned torchrl 0.12.0 (`make test`) and is left out here.
+# verbatim with the pinned torchrl 0.12.0 (`make test-all`) and is left out here.
 SEED_VERBATIM := tests/test_examples_seed.py::test_seed_notebook_runs_unchanged_and_prints_26_finite_metrics_per_section
 
 test-latest: $(LATEST_BIN)/.installed  ## the tests against the newest tensordict/torchrl pip resolves (.venv-latest)
 	$(LATEST_BIN)/pip list 2>/dev/null | grep -E '^(torch|tensordict|torchrl|transformers|scikit-learn|captum) '
-	$(LATEST_BIN)/python -m pytest -q -p no:cacheprovider --deselect $(SEED_VERBATIM)
+	$(LATEST_BIN)/python -m pytest -q -p no:cacheprovider --fail-on-skip --deselect $(SEED_VERBATIM)
 
 seed: venv  ## run the seed notebook's code unchanged
 	$(BIN)/python examples/torchrl_ppo_action_probing.py

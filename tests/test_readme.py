@@ -68,7 +68,12 @@ def test_streaming_probe_block_runs_in_a_one_process_group(tmp_path: Path) -> No
     shard = TensorDict(input=x, labels=x[:, :2] * 2, batch_size=[600])
     test = TensorDict(input=xt, labels=xt[:, :2] * 2, batch_size=[100])
     namespace = {"torch": torch, "model": model, "my_shard": shard, "test": test}
-    namespace |= {"ProbeManager": ProbeManager, "Probing": Probing, "r2_score": r2_score}
+    namespace |= {
+        "ProbeManager": ProbeManager,
+        "Probing": Probing,
+        "r2_score": r2_score,
+        "TensorDict": TensorDict,
+    }
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         exec(compile(block, "README streaming probes", "exec"), namespace)

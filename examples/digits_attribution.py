@@ -5,12 +5,13 @@ IG completeness error (the convergence delta).
 
 Usage::
 
-    python examples/digits_attribution.py --out digits_attribution.png
+    python examples/digits_attribution.py                  # writes out/digits_attribution.png
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
@@ -83,7 +84,7 @@ def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dic
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="digits_attribution.png")
+    parser.add_argument("--out", default="out/digits_attribution.png", help="figure path (git-ignored out/)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--n", type=int, default=4)
     args = parser.parse_args(argv)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         fig = attribution_grid(
             images, {"IG": maps["IG"], "LRP": maps["LRP"]}, titles=[f"digit {int(t)}" for t in labels]
         )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.out, dpi=80)
         print(f"saved {args.out}")
     except ImportError:

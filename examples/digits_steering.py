@@ -60,7 +60,7 @@ def predict(hooked: Any, x: torch.Tensor) -> torch.Tensor:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("."), help="folder for the plot and the JSON")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot and the JSON")
     parser.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps")
     parser.add_argument("--source", type=int, default=3, help="digit to steer away from")
     parser.add_argument("--target", type=int, default=8, help="digit to steer towards")

@@ -200,6 +200,20 @@ def test_torch_estimators_learn() -> None:
     assert LowRankBilinearEstimator(3, 2, bias=False).bias is None
 
 
+def test_torch_estimators_train_inside_no_grad_and_on_graph_inputs() -> None:
+    """Probing runs the model under no_grad, and activations may carry the model's graph."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 3)
+    cls = (x[:, 0] > 0).long()
+    with torch.no_grad():
+        est = LinearEstimator(3, num_classes=2, epochs=60, lr=0.1, batch_size=256).fit(x, y=cls)
+    assert (est.predict(x) == cls).float().mean() > 0.95
+    layer = torch.nn.Linear(3, 3)
+    h = layer(x)  # requires grad through the layer: the probe must not backpropagate into it
+    BilinearEstimator(3, 3, epochs=3, batch_size=64).fit(h, h, y=x[:, :1])
+    assert layer.weight.grad is None
+
+
 @pytest.mark.parametrize("relative", [True, False])
 def test_bilinear_pairs_work_in_both_modes(model, data, relative) -> None:
     manager = BilinearProbeManager(

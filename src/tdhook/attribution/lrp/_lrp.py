@@ -74,10 +74,21 @@ class LRP(GradientAttribution):
     """Layer-wise relevance propagation (Bach et al., 2015) with per-module rules.
 
     Args:
-        use_inputs, use_outputs, input_modules, target_modules, init_attr_targets,
-        init_attr_inputs, init_attr_cache_in, init_attr_grads, additional_init_keys,
-        output_grad_callbacks, attribution_key, clean_intermediate_keys, cache_callback: The
-            shared arguments of :class:`~tdhook.attribution.GradientAttribution`.
+        use_inputs: The first of the shared arguments of
+            :class:`~tdhook.attribution.GradientAttribution` (up to ``cache_callback``), which
+            document them.
+        use_outputs: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        input_modules: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        target_modules: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        init_attr_targets: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        init_attr_inputs: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        init_attr_cache_in: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        init_attr_grads: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        additional_init_keys: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        output_grad_callbacks: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        attribution_key: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        clean_intermediate_keys: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
+        cache_callback: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
         rule_mapper: ``(name, module) -> Rule | str | None`` for every module of the
             TensorDict-level model (names ``"module.0"``...), e.g. :class:`EpsilonPlus`. A string
             is a :class:`RuleName`. ``None``: no rule anywhere (plain gradient).
@@ -88,7 +99,8 @@ class LRP(GradientAttribution):
         canonizers: Reversible edits applied around the context, e.g. ``[MergeBatchNorm()]``.
         init_relevance: Seed when ``init_attr_grads`` is not given: ``"ones"`` (tdhook 0.1) or
             ``"outputs"`` (the target values, e.g. the logit of the ``targets`` class).
-        targets, separate_targets: See :class:`~tdhook.attribution.GradientAttribution`.
+        targets: See :class:`~tdhook.attribution.GradientAttribution`.
+        separate_targets: See :class:`~tdhook.attribution.GradientAttribution`.
 
     Raises:
         RuleMappingError: At enter, when the mapper returns something that is not a rule.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -48,6 +49,10 @@ from tqdm import tqdm
 
 from tdhook.latent.probing import ProbeManager, Probing
 
+# torchrl logs INFO lines with raw terminal colour codes (e.g. when a replay buffer allocates its
+# storage); they interleave with the progress bar and say nothing a demo user needs.
+logging.getLogger("torchrl").setLevel(logging.WARNING)
+
 try:  # torchrl >= 0.12 names the single-process collector `Collector` (`SyncDataCollector` is deprecated)
     from torchrl.collectors import Collector
 except ImportError:  # pragma: no cover - older torchrl
@@ -61,6 +66,15 @@ NUM_CELLS = 6
 LAYER_PATTERN = r"td_module.(critic_network.module.\d+|actor_network.module.0.module.0.\d+)"
 ACTOR_PREFIX = "td_module.actor_network.module.0.module.0."
 CRITIC_PREFIX = "td_module.critic_network.module."
+# Short names for the table and the plot; the legend gives the full names once.
+SHORT_PREFIXES = {ACTOR_PREFIX: "actor.", CRITIC_PREFIX: "critic."}
+LEGEND = (
+    f"actor.i = {ACTOR_PREFIX}i, critic.i = {CRITIC_PREFIX}i (metric names end in _fwd); "
+    "even i: Linear, odd i: Tanh.\n"
+    "A Tanh layer and the Linear after it share an R²: that Linear (32 -> 32) is an invertible affine map "
+    "of the Tanh's output, and a linear probe with an intercept reads exactly the same information "
+    "through it. Layer 0 likewise matches a probe on the 11 observations themselves."
+)
 
 # TensorDict keys read from the collected batches and written for the probes (declared once).
 OBSERVATION_KEY = "observation"
@@ -196,8 +210,39 @@ def probe(agent: Agent, batch: TensorDictBase, generator: torch.Generator) -> di
     }
 
 
+def short_name(name: str) -> str:
+    """``td_module.actor_network.module.0.module.0.3_fwd`` -> ``actor.3`` (see `LEGEND`)."""
+    for prefix, short in SHORT_PREFIXES.items():
+        if name.startswith(prefix):
+            return short + name[len(prefix) :].removesuffix("_fwd")
+    return name
+
+
+def finished_returns(rewards: torch.Tensor, dones: torch.Tensor, carry: float) -> tuple[list[float], float]:
+    """Undiscounted returns of the episodes that end in a batch of consecutive steps.
+
+    Args:
+        rewards: ``(N,)`` rewards of consecutive steps (episodes may span batches).
+        dones: ``(N,)`` episode-end flags.
+        carry: Reward accumulated by the episode still running at the end of the previous batch.
+
+    Returns:
+        The returns of the episodes that ended, and the carry for the next batch.
+    """
+    returns = []
+    start = 0
+    for end in dones.nonzero().flatten().tolist():
+        returns.append(carry + rewards[start : end + 1].sum().item())
+        carry, start = 0.0, end + 1
+    return returns, carry + rewards[start:].sum().item()
+
+
 def train(agent: Agent, env: EnvBase, args: argparse.Namespace, device: torch.device) -> None:
-    """Standard TorchRL PPO: collect a batch, recompute GAE each epoch, minibatch Adam steps."""
+    """Standard TorchRL PPO: collect a batch, recompute GAE each epoch, minibatch Adam steps.
+
+    The progress bar shows the mean return (undiscounted, stochastic policy) and length of the
+    episodes that ended in the last batch.
+    """
     collector = Collector(
         env,
         agent.actor,
@@ -216,6 +261,7 @@ def train(agent: Agent, env: EnvBase, args: argparse.Namespace, device: torch.de
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optim, n_batches, eta_min=0.0)
     n_minibatches = max(1, args.frames_per_batch // args.minibatch_size)
     progress = tqdm(total=args.frames, desc="PPO", unit="frames", dynamic_ncols=True)
+    carry, last_return = 0.0, math.nan
     for batch in collector:
         for _ in range(args.epochs):
             with torch.no_grad():
@@ -229,9 +275,13 @@ def train(agent: Agent, env: EnvBase, args: argparse.Namespace, device: torch.de
                 optim.step()
                 optim.zero_grad()
         scheduler.step()
-        done = batch[DONE_KEY]
-        ep_len = batch[NEXT_STEP_COUNT_KEY][done].float().mean().item() if done.any() else math.nan
-        progress.set_postfix(reward=f"{batch[REWARD_KEY].mean().item():.3f}", ep_len=f"{ep_len:.1f}")
+        done = batch[DONE_KEY].reshape(-1)
+        ep_len = (
+            batch[NEXT_STEP_COUNT_KEY].reshape(-1)[done].float().mean().item() if done.any() else math.nan
+        )
+        returns, carry = finished_returns(batch[REWARD_KEY].reshape(-1), done, carry)
+        last_return = sum(returns) / len(returns) if returns else last_return
+        progress.set_postfix(episode_return=f"{last_return:.1f}", episode_len=f"{ep_len:.1f}")
         progress.update(batch.numel())
     progress.close()
     collector.shutdown(close_env=False)
@@ -260,13 +310,17 @@ def layer_rows(
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Plain-text table: layer | train/test R² untrained | train/test R² trained."""
+    """Plain-text table with short layer names: layer | train/test R² untrained | train/test R² trained.
+
+    The legend (`LEGEND`, printed after it) gives the full names and why neighbours share an R².
+    """
     header = ("layer", "train R² untrained", "test R² untrained", "train R² trained", "test R² trained")
-    width = max(len(header[0]), *(len(r["layer"]) for r in rows))
+    names = [short_name(r["layer"]) for r in rows]
+    width = max(len(header[0]), *(len(n) for n in names))
     lines = [f"{header[0]:<{width}} | " + " | ".join(f"{h:>18}" for h in header[1:])]
     lines.append("-" * len(lines[0]))
     cols = ("train_r2_untrained", "test_r2_untrained", "train_r2_trained", "test_r2_trained")
-    lines += [f"{r['layer']:<{width}} | " + " | ".join(f"{r[c]:>18.3f}" for c in cols) for r in rows]
+    lines += [f"{n:<{width}} | " + " | ".join(f"{r[c]:>18.3f}" for c in cols) for n, r in zip(names, rows)]
     return "\n".join(lines)
 
 
@@ -362,6 +416,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     returns = {"untrained": untrained_return, "trained": trained_return}
     rows = layer_rows(before, after)
     print(format_table(rows))
+    print(LEGEND)
     print(f"return: untrained {untrained_return:.1f} -> trained {trained_return:.1f}")
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("torchrl")
 pytest.importorskip("mujoco")
@@ -121,3 +122,29 @@ def test_ppo_demo_main_tiny_budget_writes_table_plot_and_json(tmp_path, monkeypa
     saved = json.loads((tmp_path / "ppo_probing.json").read_text())
     assert [r["layer"] for r in saved["layers"]] == EXPECTED_LAYERS
     assert saved["returns"] == result["returns"]
+
+
+def test_ppo_demo_returns_of_finished_episodes_span_batches(monkeypatch):
+    demo = _load_demo(monkeypatch)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    dones = torch.tensor([False, True, False, False, True])
+    returns, carry = demo.finished_returns(rewards, dones, carry=10.0)
+    assert returns == [13.0, 12.0]  # the first episode began in the previous batch
+    assert carry == 0.0
+    returns, carry = demo.finished_returns(torch.tensor([1.0, 1.0]), torch.tensor([False, False]), carry=2.0)
+    assert (returns, carry) == ([], 4.0)
+
+
+def test_ppo_demo_table_uses_short_names_with_a_legend_and_quiet_torchrl(monkeypatch):
+    import logging
+
+    demo = _load_demo(monkeypatch)
+    assert demo.short_name("td_module.actor_network.module.0.module.0.3_fwd") == "actor.3"
+    assert demo.short_name("td_module.critic_network.module.12_fwd") == "critic.12"
+    row = dict.fromkeys(
+        ("train_r2_untrained", "test_r2_untrained", "train_r2_trained", "test_r2_trained"), 0.5
+    )
+    table = demo.format_table([{"layer": "td_module.critic_network.module.1_fwd", **row}])
+    assert "critic.1 " in table and "td_module" not in table
+    assert "td_module.critic_network.module.i" in demo.LEGEND and "share an R²" in demo.LEGEND
+    assert logging.getLogger("torchrl").getEffectiveLevel() >= logging.WARNING

@@ -7,13 +7,13 @@ LATEST_VENV ?= .venv-latest
 LATEST_BIN := $(LATEST_VENV)/bin
 FRAMES ?=
 
-.PHONY: venv demo test test-slow test-all test-latest lint typecheck unit seed bench clean
+.PHONY: venv demo test test-slow test-all test-latest lint typecheck unit seed bench docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,probing,rl,plot,hf]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,probing,rl,plot,hf,docs]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -57,9 +57,12 @@ test-latest: $(LATEST_BIN)/.installed  ## the tests against the newest tensordic
 seed: venv  ## run the seed notebook's code unchanged
 	$(BIN)/python examples/torchrl_ppo_action_probing.py
 
+docs: venv  ## build the site into site/ (warnings are errors; tutorials executed, offline, a few minutes)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: venv  ## build bench/.envs (once, several GB), run every benchmark, write docs/benchmarks.md
 	$(BIN)/python -m bench.envs
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache site

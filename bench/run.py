@@ -10,6 +10,11 @@ Usage::
 
 Results accumulate in ``bench/results/results.json`` (one entry per task and case, replaced
 when rerun), so tasks can be run one at a time and the report stays complete.
+
+The published report (``docs/benchmarks.md``/``.png``) is only ever replaced by a complete one:
+when an environment a task needs is missing, nothing runs, the command says how to build it and
+exits with status 2; when a case is unavailable, the report goes to ``bench/results/`` (git-ignored)
+instead and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from .tasks import TASKS, load
 RESULTS = ROOT / "bench" / "results" / "results.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
+PARTIAL_DOC = ROOT / "bench" / "results" / "benchmarks.md"
+PARTIAL_PLOT = ROOT / "bench" / "results" / "benchmarks.png"
+IMPORT_SIZE_ENVS = ("tdhook", "transformer-lens")
 
 QUICK_TIMING = {"warmup": 1, "min_repeats": 3, "max_repeats": 10, "budget_s": 5.0}
 
@@ -96,6 +104,36 @@ def smoke(names: list[str]) -> int:
     return failures
 
 
+def missing_envs(names: list[str]) -> list[str]:
+    """The environments the given tasks need that are not built, in first-use order."""
+    needed = [
+        env for name in names for env in (IMPORT_SIZE_ENVS if name == "import_size" else (load(name).env,))
+    ]
+    return [env for env in dict.fromkeys(needed) if not env_python(env).exists()]
+
+
+def unavailable_cases(results: dict[str, Any]) -> list[str]:
+    """Keys (``task/case``) of the saved results that could not run."""
+    return [key for key, entry in results["cases"].items() if entry.get("status") == "unavailable"]
+
+
+def publish(results: dict[str, Any]) -> int:
+    """Write the report: to ``docs/`` when every case ran, else to ``bench/results/`` (returns 1)."""
+    missing = unavailable_cases(results)
+    if missing:
+        _report.write(results, PARTIAL_DOC, PARTIAL_PLOT)
+        print(
+            f"{len(missing)} case(s) unavailable ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): "
+            f"the published {DOC.relative_to(ROOT)} is unchanged; this partial report is in "
+            f"{PARTIAL_DOC.relative_to(ROOT)}. Build the environments (python -m bench.envs) and rerun those tasks.",
+            file=sys.stderr,
+        )
+        return 1
+    _report.write(results, DOC, PLOT)
+    print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="*", default=None, help=f"among {', '.join(TASKS)}, import_size")
@@ -109,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     names = list(args.tasks) if args.tasks else [*TASKS, "import_size"]
     if args.smoke:
         return 1 if smoke([n for n in names if n != "import_size"]) else 0
+    absent = [] if args.report_only else missing_envs(names)
+    if absent:
+        print(
+            f"missing benchmark environment(s): {', '.join(absent)} (bench/.envs/<name>).\n"
+            f"Build them first (several GB, once): python -m bench.envs {' '.join(absent)}   (or: make bench)\n"
+            "Nothing was run, and docs/benchmarks.md / .png were not touched.",
+            file=sys.stderr,
+        )
+        return 2
     results = load_results()
     if not args.report_only:
         for name in names:
@@ -136,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_results(results)
                 print(f"[{name}] {case.id}: {res.status} {res.reason} ({entry['wall_s']} s)", flush=True)
     if not args.no_report:
-        _report.write(results, DOC, PLOT)
-        print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+        return publish(results)
     return 0
 
 

@@ -145,6 +145,8 @@ def test_ppo_demo_table_uses_short_names_with_a_legend_and_quiet_torchrl(monkeyp
         ("train_r2_untrained", "test_r2_untrained", "train_r2_trained", "test_r2_trained"), 0.5
     )
     table = demo.format_table([{"layer": "td_module.critic_network.module.1_fwd", **row}])
-    assert "critic.1 " in table and "td_module" not in table
-    assert "td_module.critic_network.module.i" in demo.LEGEND and "share an R²" in demo.LEGEND
+    assert "critic.1 " in table
+    assert "td_module" not in table
+    assert "td_module.critic_network.module.i" in demo.LEGEND
+    assert "share an R²" in demo.LEGEND
     assert logging.getLogger("torchrl").getEffectiveLevel() >= logging.WARNING

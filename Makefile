@@ -57,8 +57,9 @@ test-latest: $(LATEST_BIN)/.installed  ## the tests against the newest tensordic
 seed: venv  ## run the seed notebook's code unchanged
 	$(BIN)/python examples/torchrl_ppo_action_probing.py
 
-docs: venv  ## build the site into site/ (warnings are errors; tutorials executed, offline, a few minutes)
+docs: venv  ## build the site into site/ (warnings are errors; tutorials executed, offline), check it in Chromium
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+	TDHOOK_REQUIRE_SITE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/docs/test_site.py
 
 bench: venv  ## build bench/.envs (once, several GB), run every benchmark, write docs/benchmarks.md
 	$(BIN)/python -m bench.envs

@@ -39,6 +39,7 @@ def test_the_extractor_reads_fences_and_honours_notest() -> None:
     assert python_blocks(text) == [(3, "a = 1"), (12, "c = 3")]
 
 
+@pytest.mark.slow  # about a minute for all pages together; CI runs it (make test-all)
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
 def test_every_python_block_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(page.read_text())

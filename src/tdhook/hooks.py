@@ -49,14 +49,7 @@ HookDirectionLiteral = Literal["fwd", "bwd", "fwd_pre", "bwd_pre", "fwd_kwargs",
 DIRECTION_TO_PARAMS = {d.value: d.params for d in HookDirection}
 DIRECTION_TO_TYPE = {d.value: d.value_type for d in HookDirection}
 #: Name of the hook parameter whose value a hook may replace, per direction.
-DIRECTION_TO_RETURN = {
-    "fwd": "output",
-    "fwd_kwargs": "output",
-    "fwd_pre": "args",
-    "fwd_pre_kwargs": "args",
-    "bwd": "grad_input",
-    "bwd_pre": "grad_output",
-}
+DIRECTION_TO_RETURN = {d.value: d.value_param for d in HookDirection}
 #: Position of :data:`DIRECTION_TO_RETURN`'s name in the direction's parameters (:data:`DIRECTION_TO_PARAMS`).
 DIRECTION_TO_RETURN_INDEX = {d: DIRECTION_TO_PARAMS[d].index(name) for d, name in DIRECTION_TO_RETURN.items()}
 

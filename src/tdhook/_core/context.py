@@ -683,14 +683,6 @@ class HookingContextFactory:
     def _exit(self, context: HookingContext) -> None:
         """Per-exit state tear-down (after the plan is undone)."""
 
-    # -- helpers for subclasses --------------------------------------------------------------------
-    @staticmethod
-    def _select_root(hooked: HookedModule, relative: bool) -> tuple[nn.Module, str]:
-        """Return ``(root, prefix)`` for pattern selection: the user model or the hooked module."""
-        if relative:
-            return hooked.root, ""
-        return hooked, ""
-
 
 class HookingContext:
     """The lifecycle of one method bound to one model (see the module docstring).

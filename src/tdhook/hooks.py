@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._core.hooks import (
     CacheProxy,
@@ -69,7 +70,7 @@ def submodule_path_to_name(path: str) -> str:
 
 def register_hook_to_module(
     module: nn.Module, hook: Callable[..., Any], direction: str = "fwd", prepend: bool = False
-):
+) -> RemovableHandle:
     """Register ``hook`` (torch signature for ``direction``) and return torch's handle."""
     return register(module, hook, HookDirection.parse(direction), prepend=prepend)
 
@@ -80,25 +81,27 @@ class HookFactory:
     @staticmethod
     def make_caching_hook(
         key: Any, cache: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"
-    ):
+    ) -> CachingHook:
         d = HookDirection.parse(direction)
         check_callback(callback, d, ("key", "direction"))
         return CachingHook(key, cache, d, callback)
 
     @staticmethod
-    def make_setting_hook(value: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"):
+    def make_setting_hook(
+        value: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"
+    ) -> SettingHook:
         d = HookDirection.parse(direction)
         check_callback(callback, d, ("value", "direction"))
         return SettingHook(value, d, callback)
 
     @staticmethod
-    def make_reading_hook(*, callback: Callable[..., Any], direction: str = "fwd"):
+    def make_reading_hook(*, callback: Callable[..., Any], direction: str = "fwd") -> ReadingHook:
         d = HookDirection.parse(direction)
         check_callback(callback, d, ("direction",))
         return ReadingHook(callback, d)
 
     @staticmethod
-    def make_stopping_hook(key: str):
+    def make_stopping_hook(key: str) -> StoppingHook:
         return StoppingHook(key)
 
 

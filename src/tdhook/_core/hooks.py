@@ -136,7 +136,9 @@ class EarlyStoppingException(Exception):
         self.key = key
 
 
-def register(module: nn.Module, hook: Callable[..., Any], direction: HookDirection, *, prepend: bool = False):
+def register(
+    module: nn.Module, hook: Callable[..., Any], direction: HookDirection, *, prepend: bool = False
+) -> RemovableHandle:
     """Register ``hook`` on ``module`` at ``direction`` and return torch's removable handle."""
     if direction is _FWD:  # the common case first, without enum attribute look-ups
         return module.register_forward_hook(hook, prepend=prepend)

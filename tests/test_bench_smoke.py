@@ -82,3 +82,8 @@ def test_import_size_measures_an_environment(tmp_path, monkeypatch) -> None:
     assert row["p10_s"] <= row["import_s"] <= row["p90_s"]
     assert row["size_mib"] - row["size_wo_torch_mib"] >= 1.0  # the torch folder, 1 MiB at least
     assert row["size_wo_torch_mib"] >= 2**16 / 2**20
+
+
+def test_every_task_has_a_smoke_case() -> None:
+    missing = [name for name in TASKS if not any(case.smoke is not None for case in load(name).cases)]
+    assert not missing, f"benchmark tasks without a smoke case (Case(..., smoke={{...}})): {missing}"

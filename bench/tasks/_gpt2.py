@@ -23,7 +23,8 @@ BLOCK_PATTERN = r"transformer\.h\.\d+$"
 def build(params: Any) -> tuple[torch.nn.Module, torch.Tensor]:
     from ..models import gpt2_small
 
-    model = gpt2_small(attn_implementation="eager")
+    overrides = {k: params[k] for k in ("n_layer", "n_embd", "n_head") if k in params}
+    model = gpt2_small(attn_implementation="eager", **overrides)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (params["batch"], params["seq"]), generator=gen)
     return model, ids
@@ -36,8 +37,8 @@ def first(output: Any, **_: Any) -> Any:
     return output[0]
 
 
-def block_names() -> list[str]:
-    return [f"transformer.h.{i}" for i in range(N_LAYERS)]
+def block_names(n_layer: int = N_LAYERS) -> list[str]:
+    return [f"transformer.h.{i}" for i in range(n_layer)]
 
 
 def execution_order(model: torch.nn.Module, ids: torch.Tensor) -> list[str]:
@@ -77,6 +78,7 @@ class Tdhook(Impl):
         from tdhook.latent import ActivationCaching
 
         model, self.ids = build(params)
+        self.n_layer = params.get("n_layer", N_LAYERS)
         pattern = BLOCK_PATTERN if params["scope"] == "blocks" else r".+"
         self.context = ActivationCaching(pattern, callback=first).prepare(
             model, in_keys={"input_ids": "input_ids"}, out_keys=["output"]
@@ -90,7 +92,7 @@ class Tdhook(Impl):
 
     def output(self):
         cache = self.context.cache
-        return {**{n: cache[n] for n in block_names()}, "logits": self.td["output", "logits"]}
+        return {**{n: cache[n] for n in block_names(self.n_layer)}, "logits": self.td["output", "logits"]}
 
 
 class Raw(Impl):
@@ -101,8 +103,9 @@ class Raw(Impl):
 
     def setup(self, params):
         self.model, self.ids = build(params)
+        self.n_layer = params.get("n_layer", N_LAYERS)
         named = dict(self.model.named_modules())
-        names = block_names() if params["scope"] == "blocks" else [n for n in named if n]
+        names = block_names(self.n_layer) if params["scope"] == "blocks" else [n for n in named if n]
         self.modules = [(n, named[n]) for n in names]
 
     def run(self):
@@ -117,7 +120,7 @@ class Raw(Impl):
         self.store = store
 
     def output(self):
-        return {**{n: self.store[n] for n in block_names()}, "logits": self.logits}
+        return {**{n: self.store[n] for n in block_names(self.n_layer)}, "logits": self.logits}
 
 
 class Nnsight(Impl):
@@ -130,7 +133,8 @@ class Nnsight(Impl):
         from nnsight import NNsight
 
         model, self.ids = build(params)
-        names = block_names() if params["scope"] == "blocks" else execution_order(model, self.ids)
+        self.n_layer = params.get("n_layer", N_LAYERS)
+        names = block_names(self.n_layer) if params["scope"] == "blocks" else execution_order(model, self.ids)
         self.names = names
         self.model = NNsight(model)
         envoys = {}
@@ -151,7 +155,7 @@ class Nnsight(Impl):
         self.logits = logits
 
     def output(self):
-        return {**{n: first(self.saved[n]) for n in block_names()}, "logits": first(self.logits)}
+        return {**{n: first(self.saved[n]) for n in block_names(self.n_layer)}, "logits": first(self.logits)}
 
 
 class TransformerLens(Impl):
@@ -170,6 +174,7 @@ class TransformerLens(Impl):
         from transformers import PreTrainedTokenizerFast
 
         model, self.ids = build(params)
+        self.n_layer = params.get("n_layer", N_LAYERS)
         # An offline stand-in tokenizer (the benchmark feeds token ids; nothing is downloaded).
         vocab = {f"t{i}": i for i in range(VOCAB)}
         tokenizer = PreTrainedTokenizerFast(
@@ -182,7 +187,7 @@ class TransformerLens(Impl):
             name_or_path="offline-gpt2",
         )
         self.bridge = TransformerBridge.boot_transformers("gpt2", hf_model=model, tokenizer=tokenizer)
-        self.wanted = [f"blocks.{i}.hook_resid_post" for i in range(N_LAYERS)]
+        self.wanted = [f"blocks.{i}.hook_resid_post" for i in range(self.n_layer)]
         wanted = frozenset(self.wanted)
         self.names_filter = wanted.__contains__ if params["scope"] == "blocks" else None
 
@@ -192,15 +197,17 @@ class TransformerLens(Impl):
 
     def output(self):
         return {
-            **{b: self.cache[w] for b, w in zip(block_names(), self.wanted)},
+            **{b: self.cache[w] for b, w in zip(block_names(self.n_layer), self.wanted)},
             "logits": self.logits,
         }
 
 
+#: A two-layer GPT-2 on four tokens: the CI smoke test's size (gate only, raw hooks as the peer).
+SMOKE = {"batch": 1, "seq": 4, "n_layer": 2, "n_embd": 32, "n_head": 4}
 CASES = [
-    Case("blocks (1,64)", {"batch": 1, "seq": 64, "scope": "blocks"}),
+    Case("blocks (1,64)", {"batch": 1, "seq": 64, "scope": "blocks"}, smoke={**SMOKE, "scope": "blocks"}),
     Case("blocks (4,256)", {"batch": 4, "seq": 256, "scope": "blocks"}),
-    Case("all modules (1,64)", {"batch": 1, "seq": 64, "scope": "all"}),
+    Case("all modules (1,64)", {"batch": 1, "seq": 64, "scope": "all"}, smoke={**SMOKE, "scope": "all"}),
 ]
 
-__all__ = ["CASES", "Nnsight", "Raw", "Skip", "Tdhook", "TransformerLens"]
+__all__ = ["CASES", "SMOKE", "Nnsight", "Raw", "Skip", "Tdhook", "TransformerLens"]

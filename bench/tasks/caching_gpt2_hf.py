@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from .._harness import Case, Impl, Task
-from ._gpt2 import block_names, build, first
+from ._gpt2 import N_LAYERS, SMOKE, block_names, build, first
 
 
-def attn_names() -> list[str]:
-    return [f"{n}.attn" for n in block_names()]
+def attn_names(n_layer: int = N_LAYERS) -> list[str]:
+    return [f"{n}.attn" for n in block_names(n_layer)]
 
 
 class Tdhook(Impl):
@@ -33,6 +33,7 @@ class Tdhook(Impl):
         from tdhook.latent import ActivationCaching
 
         model, self.ids = build(params)
+        self.n_layer = params.get("n_layer", N_LAYERS)
         self.context = ActivationCaching(".+").prepare(
             model, in_keys={"input_ids": "input_ids"}, out_keys=["logits"]
         )
@@ -46,8 +47,8 @@ class Tdhook(Impl):
     def output(self):
         cache = self.context.cache
         return {
-            **{n: cache[n] for n in block_names()},
-            **{n: cache[n, "0"] for n in attn_names()},
+            **{n: cache[n] for n in block_names(self.n_layer)},
+            **{n: cache[n, "0"] for n in attn_names(self.n_layer)},
             "logits": self.td["logits"],
         }
 
@@ -64,6 +65,7 @@ class Raw(Impl):
 
     def setup(self, params):
         self.model, self.ids = build(params)
+        self.n_layer = params.get("n_layer", N_LAYERS)
         self.modules = [(n, m) for n, m in self.model.named_modules() if n]
 
     def run(self):
@@ -79,8 +81,8 @@ class Raw(Impl):
 
     def output(self):
         return {
-            **{n: self.store[n] for n in block_names()},
-            **{n: first(self.store[n]) for n in attn_names()},
+            **{n: self.store[n] for n in block_names(self.n_layer)},
+            **{n: first(self.store[n]) for n in attn_names(self.n_layer)},
             "logits": self.logits,
         }
 
@@ -90,7 +92,7 @@ TASK = Task(
     title="Caching every module of the HF GPT-2 small with the default nesting rule, vs raw hooks",
     env="dev",
     impls=[Tdhook, Raw],
-    cases=[Case("all modules (1,64)", {"batch": 1, "seq": 64})],
+    cases=[Case("all modules (1,64)", {"batch": 1, "seq": 64}, smoke=SMOKE)],
     rtol=1e-5,
     atol=1e-5,
     targets={"raw": 1.15},

@@ -22,6 +22,7 @@ __all__ = [
     "attribution",
     "auto",
     "contexts",
+    "core",
     "errors",
     "hooks",
     "interventions",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._core.hooks import (
     CacheProxy,
@@ -49,14 +50,7 @@ HookDirectionLiteral = Literal["fwd", "bwd", "fwd_pre", "bwd_pre", "fwd_kwargs",
 DIRECTION_TO_PARAMS = {d.value: d.params for d in HookDirection}
 DIRECTION_TO_TYPE = {d.value: d.value_type for d in HookDirection}
 #: Name of the hook parameter whose value a hook may replace, per direction.
-DIRECTION_TO_RETURN = {
-    "fwd": "output",
-    "fwd_kwargs": "output",
-    "fwd_pre": "args",
-    "fwd_pre_kwargs": "args",
-    "bwd": "grad_input",
-    "bwd_pre": "grad_output",
-}
+DIRECTION_TO_RETURN = {d.value: d.value_param for d in HookDirection}
 #: Position of :data:`DIRECTION_TO_RETURN`'s name in the direction's parameters (:data:`DIRECTION_TO_PARAMS`).
 DIRECTION_TO_RETURN_INDEX = {d: DIRECTION_TO_PARAMS[d].index(name) for d, name in DIRECTION_TO_RETURN.items()}
 
@@ -76,7 +70,7 @@ def submodule_path_to_name(path: str) -> str:
 
 def register_hook_to_module(
     module: nn.Module, hook: Callable[..., Any], direction: str = "fwd", prepend: bool = False
-):
+) -> RemovableHandle:
     """Register ``hook`` (torch signature for ``direction``) and return torch's handle."""
     return register(module, hook, HookDirection.parse(direction), prepend=prepend)
 
@@ -87,25 +81,27 @@ class HookFactory:
     @staticmethod
     def make_caching_hook(
         key: Any, cache: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"
-    ):
+    ) -> CachingHook:
         d = HookDirection.parse(direction)
         check_callback(callback, d, ("key", "direction"))
         return CachingHook(key, cache, d, callback)
 
     @staticmethod
-    def make_setting_hook(value: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"):
+    def make_setting_hook(
+        value: Any, *, callback: Callable[..., Any] | None = None, direction: str = "fwd"
+    ) -> SettingHook:
         d = HookDirection.parse(direction)
         check_callback(callback, d, ("value", "direction"))
         return SettingHook(value, d, callback)
 
     @staticmethod
-    def make_reading_hook(*, callback: Callable[..., Any], direction: str = "fwd"):
+    def make_reading_hook(*, callback: Callable[..., Any], direction: str = "fwd") -> ReadingHook:
         d = HookDirection.parse(direction)
         check_callback(callback, d, ("direction",))
         return ReadingHook(callback, d)
 
     @staticmethod
-    def make_stopping_hook(key: str):
+    def make_stopping_hook(key: str) -> StoppingHook:
         return StoppingHook(key)
 
 

@@ -29,6 +29,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictModuleWrapper
 from torch import nn
 from torch.nn.modules import module as _torch_module
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import ContextStateError, InvalidInputError, TdhookWarning
 from . import keys as _keys
@@ -306,7 +307,7 @@ class HookedModule(TensorDictModuleWrapper):
         direction: str | HookDirection = "fwd",
         prepend: bool = False,
         relative: bool = True,
-    ):
+    ) -> RemovableHandle:
         """Register ``hook`` on the submodule at ``key`` and return torch's handle."""
         return register(
             self._hook_target(key, relative), hook, HookDirection.parse(direction), prepend=prepend
@@ -331,7 +332,7 @@ class HookedModule(TensorDictModuleWrapper):
         direction: str | HookDirection = "fwd",
         prepend: bool = False,
         relative: bool = True,
-    ):
+    ) -> RemovableHandle:
         """Replace a module's value (output by default) by ``value`` or ``callback(..., value=...)``."""
         direction = HookDirection.parse(direction)
         check_callback(callback, direction, ("value", "direction"))
@@ -358,26 +359,28 @@ class HookedModule(TensorDictModuleWrapper):
         )
         return handle, CacheProxy(cache_key, cache)
 
-    def stop(self, key: str):
+    def stop(self, key: str) -> RemovableHandle:
         """Stop the forward pass after ``key`` ran (raises :class:`EarlyStoppingException`)."""
         return self.register_submodule_hook(key, StoppingHook(key), HookDirection.FWD)
 
-    def set_input(self, module_key: str, value: Any, **kwargs: Any):
+    def set_input(self, module_key: str, value: Any, **kwargs: Any) -> RemovableHandle:
         return self.set(module_key, value, direction=HookDirection.FWD_PRE, **kwargs)
 
-    def get_input(self, cache: TensorDictBase, module_key: str, **kwargs: Any):
+    def get_input(self, cache: TensorDictBase, module_key: str, **kwargs: Any) -> tuple[Any, CacheProxy]:
         return self.get(cache, module_key, direction=HookDirection.FWD_PRE, **kwargs)
 
-    def set_grad(self, module_key: str, value: Any, **kwargs: Any):
+    def set_grad(self, module_key: str, value: Any, **kwargs: Any) -> RemovableHandle:
         return self.set(module_key, value, direction=HookDirection.BWD, **kwargs)
 
-    def get_grad(self, cache: TensorDictBase, module_key: str, **kwargs: Any):
+    def get_grad(self, cache: TensorDictBase, module_key: str, **kwargs: Any) -> tuple[Any, CacheProxy]:
         return self.get(cache, module_key, direction=HookDirection.BWD, **kwargs)
 
-    def set_grad_output(self, module_key: str, value: Any, **kwargs: Any):
+    def set_grad_output(self, module_key: str, value: Any, **kwargs: Any) -> RemovableHandle:
         return self.set(module_key, value, direction=HookDirection.BWD_PRE, **kwargs)
 
-    def get_grad_output(self, cache: TensorDictBase, module_key: str, **kwargs: Any):
+    def get_grad_output(
+        self, cache: TensorDictBase, module_key: str, **kwargs: Any
+    ) -> tuple[Any, CacheProxy]:
         return self.get(cache, module_key, direction=HookDirection.BWD_PRE, **kwargs)
 
     def run(
@@ -682,14 +685,6 @@ class HookingContextFactory:
 
     def _exit(self, context: HookingContext) -> None:
         """Per-exit state tear-down (after the plan is undone)."""
-
-    # -- helpers for subclasses --------------------------------------------------------------------
-    @staticmethod
-    def _select_root(hooked: HookedModule, relative: bool) -> tuple[nn.Module, str]:
-        """Return ``(root, prefix)`` for pattern selection: the user model or the hooked module."""
-        if relative:
-            return hooked.root, ""
-        return hooked, ""
 
 
 class HookingContext:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import FunctionType
@@ -41,6 +41,8 @@ __all__ = [
     "StoringHook",
     "TensorDictRef",
     "check_callback",
+    "check_keywords",
+    "declared_keywords",
     "install",
     "nested_storable",
     "register",
@@ -77,6 +79,11 @@ class HookDirection(str, Enum):
     def params(self) -> tuple[str, ...]:
         """Names of the torch hook's positional parameters."""
         return _PARAMS[self]
+
+    @property
+    def value_param(self) -> str:
+        """Name of the hook parameter holding the value a hook reads or replaces (``output``...)."""
+        return _PARAMS[self][_VALUE_INDEX[self]]
 
     @property
     def value_type(self) -> str:
@@ -129,7 +136,9 @@ class EarlyStoppingException(Exception):
         self.key = key
 
 
-def register(module: nn.Module, hook: Callable[..., Any], direction: HookDirection, *, prepend: bool = False):
+def register(
+    module: nn.Module, hook: Callable[..., Any], direction: HookDirection, *, prepend: bool = False
+) -> RemovableHandle:
     """Register ``hook`` on ``module`` at ``direction`` and return torch's removable handle."""
     if direction is _FWD:  # the common case first, without enum attribute look-ups
         return module.register_forward_hook(hook, prepend=prepend)
@@ -318,33 +327,94 @@ def check_callback(
     )
     if memo is not None and memo in _CHECKED:
         return
-    try:
-        sig = inspect.signature(callback)
-    except (TypeError, ValueError):  # builtins without signature: trust them
+    params = _parameters(callback)
+    if params is None:  # builtins without signature: trust them
         return
-    params = sig.parameters.values()
     if any(p.kind is p.POSITIONAL_ONLY for p in params):
         raise HookSignatureError(
             f"Callback {callback!r} cannot have positional-only parameters since we only pass named arguments "
             f"({', '.join(direction.params)}, ...). Example: `lambda output, **_: output[0]`."
         )
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        _remember(memo)
-        return
-    names = {p.name for p in params}
-    required = {
-        p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    passed = set(direction.params) | set(extra)
-    missing = set(direction.params) - names
-    unknown = required - passed
+    passed = (*direction.params, *extra)
+    missing, unknown = _mismatch(params, direction.params, passed)
     if missing or unknown:
         raise HookSignatureError(
             f"Callback missing required parameters: {sorted(missing)}"
             + (f" and requires unknown parameters {sorted(unknown)}" if unknown else "")
-            + f". A {direction.value!r} callback receives the keywords {sorted(passed)}; add `**_` to ignore the rest."
+            + f". A {direction.value!r} callback receives the keywords {sorted(set(passed))}; add `**_` to ignore the rest."
         )
     _remember(memo)
+
+
+def check_keywords(fn: Callable[..., Any] | None, names: Sequence[str], what: str) -> None:
+    """Check that ``fn`` can be called with exactly the keywords ``names`` (user functions such as
+    ``patch_fn`` and ``steer_fn``; the same rule as :func:`check_callback`).
+
+    Raises:
+        HookSignatureError: If ``fn`` is not callable, has positional-only parameters, requires a
+            parameter not in ``names`` or cannot receive one of ``names``.
+    """
+    if fn is None:
+        return
+    if not callable(fn):
+        raise HookSignatureError(f"{what} must be callable, got {type(fn).__name__}.")
+    params = _parameters(fn)
+    if params is None:  # builtins without a signature: trust them
+        return
+    example = f"`def {what}({', '.join(names)}): ...` (or add `**_` to ignore some)"
+    if any(p.kind is p.POSITIONAL_ONLY for p in params):
+        raise HookSignatureError(f"{what} cannot have positional-only parameters; it is called as {example}.")
+    missing, unknown = _mismatch(params, names, names)
+    if unknown or missing:
+        detail = []
+        if missing:
+            detail.append(f"does not accept {[n for n in names if n in missing]}")
+        if unknown:
+            detail.append(f"requires unknown parameters {sorted(unknown)}")
+        raise HookSignatureError(
+            f"{what} {' and '.join(detail)}; it receives the keywords {list(names)}. Define it as {example}."
+        )
+
+
+def declared_keywords(fn: Callable[..., Any], available: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``available`` that ``fn`` (a module: its ``forward``) declares or absorbs with ``**kwargs``.
+
+    ``fn``'s first positional parameter receives a value positionally, so it is never a keyword.
+    """
+    params = _parameters(fn.forward if isinstance(fn, nn.Module) else fn)
+    if params is None:
+        return ()
+    first = next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    candidates = [name for name in available if name != first]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return tuple(candidates)
+    declared = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return tuple(name for name in candidates if name in declared)
+
+
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    """``fn``'s parameters, or None where Python cannot tell (builtins)."""
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def _mismatch(
+    params: Iterable[inspect.Parameter], must_accept: Iterable[str], passed: Iterable[str]
+) -> tuple[set[str], set[str]]:
+    """``(missing, unknown)``: names of ``must_accept`` the parameters cannot receive, and required
+    parameters that are not among ``passed``. ``**kwargs`` receives every name."""
+    params = list(params)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        missing: set[str] = set()
+    else:
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        missing = set(must_accept) - names
+    required = {
+        p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return missing, required - set(passed)
 
 
 #: Code objects (with direction and extra names) whose callbacks passed :func:`check_callback`.

@@ -12,7 +12,6 @@ hook, the branch builder and the replacement checks.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,9 +22,9 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey, unravel_key
 
 from .._core.context import HookedModule, HookingContextFactory
-from .._core.hooks import HookDirection, HookSpec, _fit_replacement, check_callback
+from .._core.hooks import HookDirection, HookSpec, _fit_replacement, check_callback, check_keywords
 from .._core.keys import check_keys
-from ..errors import HookSignatureError, TdhookError
+from ..errors import TdhookError
 from ..targets import Target
 from ._targeted import CallbackByModule, PatchByKey, method_modules
 
@@ -49,42 +48,6 @@ class InterventionShapeError(TdhookError, ValueError, RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # Shared helpers (also used by _steering.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def check_keywords(fn: Callable[..., Any] | None, names: Sequence[str], what: str) -> None:
-    """Check that ``fn`` can be called with exactly the keywords ``names``.
-
-    Raises:
-        HookSignatureError: If ``fn`` is not callable, has positional-only parameters, requires a
-            parameter not in ``names`` or cannot receive one of ``names``.
-    """
-    if fn is None:
-        return
-    if not callable(fn):
-        raise HookSignatureError(f"{what} must be callable, got {type(fn).__name__}.")
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature: trust them
-        return
-    example = f"`def {what}({', '.join(names)}): ...` (or add `**_` to ignore some)"
-    if any(p.kind is p.POSITIONAL_ONLY for p in params):
-        raise HookSignatureError(f"{what} cannot have positional-only parameters; it is called as {example}.")
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    declared = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    required = {
-        p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    unknown = sorted(required - set(names))
-    missing = [] if accepts_any else [n for n in names if n not in declared]
-    if unknown or missing:
-        detail = []
-        if missing:
-            detail.append(f"does not accept {missing}")
-        if unknown:
-            detail.append(f"requires unknown parameters {unknown}")
-        raise HookSignatureError(
-            f"{what} {' and '.join(detail)}; it receives the keywords {list(names)}. Define it as {example}."
-        )
 
 
 def normalize_module_keys(keys: str | Iterable[str], what: str) -> list[str]:

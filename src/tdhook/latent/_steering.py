@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._core.context import HookedModule, HookingContextFactory
-from .._core.hooks import HookDirection, HookSpec, check_callback
+from .._core.hooks import HookDirection, HookSpec, check_callback, check_keywords
 from .._core.keys import check_keys
 from ..targets import Target
 from ._patching import (
@@ -24,7 +24,6 @@ from ._patching import (
     Phase,
     RunState,
     branch,
-    check_keywords,
     fit_replacement,
     join_key,
     normalize_module_keys,

@@ -8,7 +8,6 @@ user's model), so their parameters appear in ``hooked.parameters()`` and can be 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,21 +24,12 @@ from .._core.hooks import (
     SettingHook,
     TensorDictRef,
     check_callback,
+    declared_keywords,
 )
 from .._core.paths import resolve_path
 from ..errors import ContextStateError, InvalidInputError, MissingKeyError, TdhookError, nearest
 
 __all__ = ["AdapterError", "Adapters", "HookedModuleWithAdapters"]
-
-#: Hook parameter holding the value a hook of each direction reads and replaces.
-_VALUE_PARAM = {
-    HookDirection.FWD: "output",
-    HookDirection.FWD_KWARGS: "output",
-    HookDirection.FWD_PRE: "args",
-    HookDirection.FWD_PRE_KWARGS: "args",
-    HookDirection.BWD: "grad_input",
-    HookDirection.BWD_PRE: "grad_output",
-}
 
 
 class AdapterError(TdhookError, RuntimeError):
@@ -108,17 +98,7 @@ class HookedModuleWithAdapters(HookedModule):
 
 def _keywords(adapter: Callable[..., Any], direction: HookDirection) -> tuple[str, ...]:
     """The hook parameters ``adapter`` declares (besides its first, positional, value parameter)."""
-    target = adapter.forward if isinstance(adapter, nn.Module) else adapter
-    try:
-        params = list(inspect.signature(target).parameters.values())
-    except (TypeError, ValueError):
-        return ()
-    first = next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
-    available = [p for p in (*direction.params, "direction") if p != first]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return tuple(available)
-    declared = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return tuple(p for p in available if p in declared)
+    return declared_keywords(adapter, (*direction.params, "direction"))
 
 
 def _unwrap(value: Any) -> Any:
@@ -255,7 +235,7 @@ class Adapters(HookingContextFactory):
                 hooked.add_adapter(name, adapter)
             in_module, out_module = resolve_path(root, in_key), resolve_path(root, out_key)
             for d in self._directions:
-                value_param = _VALUE_PARAM[d]
+                value_param = d.value_param
                 if in_key == out_key:
                     call = AdapterCall(name, adapter, value_param, _keywords(adapter, d))
                     specs.append(HookSpec(out_module, SettingHook(None, d, call), d))

@@ -365,10 +365,6 @@ class _Bound:
         return (-bound).expand_as(x).clone()
 
 
-def _keep(p: torch.Tensor, name: str) -> torch.Tensor | None:
-    return p
-
-
 def _no_bias(p: torch.Tensor, name: str) -> torch.Tensor | None:
     return None if name == "bias" else p
 

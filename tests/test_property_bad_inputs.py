@@ -269,6 +269,15 @@ def check(case: ContractCase, kind: str, transform: Transform, hint: str) -> Non
     assert_same(before, snapshot(model))
 
 
+def _float_input(case: ContractCase) -> bool:
+    td = case.data(case.model())
+    return td.get(_input_key(td)).is_floating_point()
+
+
+#: The generated inputs corrupt a floating-point input tensor; cases fed token ids (the Hugging
+#: Face cases) are not covered by this test.
+FLOAT_CASES = [case for case in CASES if _float_input(case)]
+
 PARAMS = [
     pytest.param(
         case,
@@ -278,7 +287,7 @@ PARAMS = [
         if (case.name, kind) in KNOWN_FAILURES
         else [],
     )
-    for case in CASES
+    for case in FLOAT_CASES
     for kind in KINDS
 ]
 
@@ -294,8 +303,9 @@ def test_bad_call_inputs_are_refused_clearly_or_handled(case: ContractCase, kind
 
 
 def test_every_kind_is_exercised_on_every_case() -> None:
-    assert len(PARAMS) == len(CASES) * len(KINDS)
-    assert {name for name, _ in KNOWN_FAILURES} <= {case.name for case in CASES}
+    assert len(PARAMS) == len(FLOAT_CASES) * len(KINDS)
+    assert len(FLOAT_CASES) >= 30
+    assert {name for name, _ in KNOWN_FAILURES} <= {case.name for case in FLOAT_CASES}
     assert isinstance(TensorDict(), TensorDictBase)
 
 

@@ -12,12 +12,18 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "CompiledModelError",
+    "ConcurrencyError",
     "ContextStateError",
+    "DeadReferenceError",
+    "DtypeMismatchError",
     "HookSignatureError",
+    "InPlaceModificationError",
     "InvalidDirectionError",
     "InvalidInputError",
     "MissingKeyError",
     "ModulePathError",
+    "MultipleCallError",
     "NoMatchError",
     "NotFittedError",
     "ProbingError",
@@ -54,6 +60,33 @@ class HookSignatureError(TdhookError, ValueError):
 
 class ContextStateError(TdhookError, RuntimeError):
     """A hooking context or run was used in a state that does not allow the operation."""
+
+
+class DeadReferenceError(ContextStateError, ValueError):
+    """A cache reference (a :class:`~tdhook.hooks.CacheProxy` or a weak cache) outlived its TensorDict.
+
+    Also a ``ValueError``, the class tdhook 0.1 raised (``ValueError("Dead reference to cache")``).
+    """
+
+
+class ConcurrencyError(ContextStateError):
+    """Two threads would share hooks, edits or per-call state that cannot be kept apart."""
+
+
+class CompiledModelError(TdhookError, TypeError):
+    """The model (or a submodule) is ``torch.compile``d: compiled code does not run hooks added later."""
+
+
+class InPlaceModificationError(TdhookError, RuntimeError):
+    """A stored activation was modified in place after its hook read it (the stored value would be wrong)."""
+
+
+class MultipleCallError(TdhookError, RuntimeError):
+    """A module ran more than once in one forward pass where a method needs exactly one call."""
+
+
+class DtypeMismatchError(TdhookError, TypeError, RuntimeError):
+    """A floating input has a dtype other than the model's parameters (torch would raise a RuntimeError)."""
 
 
 class MissingKeyError(TdhookError, KeyError):

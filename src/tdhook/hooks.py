@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -22,9 +21,10 @@ from ._core.hooks import (
     StoppingHook,
     TensorDictRef,
     check_callback,
+    check_hook_signature,
     register,
 )
-from ._core.paths import join_paths, parse_path, resolve_path, select_modules
+from ._core.paths import compile_pattern, join_paths, parse_path, resolve_path, select_modules
 from .errors import TdhookWarning
 
 __all__ = [
@@ -71,8 +71,16 @@ def submodule_path_to_name(path: str) -> str:
 def register_hook_to_module(
     module: nn.Module, hook: Callable[..., Any], direction: str = "fwd", prepend: bool = False
 ) -> RemovableHandle:
-    """Register ``hook`` (torch signature for ``direction``) and return torch's handle."""
-    return register(module, hook, HookDirection.parse(direction), prepend=prepend)
+    """Register ``hook`` (torch signature for ``direction``) and return torch's handle.
+
+    Raises:
+        InvalidDirectionError: For an unknown direction.
+        HookSignatureError: If torch cannot call ``hook`` with the direction's positional
+            arguments (spec §4.1), checked now rather than when the hook first fires.
+    """
+    d = HookDirection.parse(direction)
+    check_hook_signature(hook, d)
+    return register(module, hook, d, prepend=prepend)
 
 
 class HookFactory:
@@ -110,7 +118,7 @@ class MultiHookManager:
 
     def __init__(
         self,
-        pattern: str | None = None,
+        pattern: str | Sequence[str] | None = None,
         classes_to_hook: Sequence[type] = (nn.Module,),
         classes_to_skip: Sequence[type] = (),
     ) -> None:
@@ -123,8 +131,8 @@ class MultiHookManager:
         return self._pattern.pattern
 
     @pattern.setter
-    def pattern(self, value: str | None) -> None:
-        self._pattern = re.compile(value if value is not None else r"a^")
+    def pattern(self, value: str | Sequence[str] | None) -> None:
+        self._pattern = compile_pattern(value if value is not None else r"a^")
 
     def register_hook(
         self,
@@ -151,5 +159,11 @@ class MultiHookManager:
                     TdhookWarning,
                     stacklevel=2,
                 )
-            handles.append(register(sub, hook_factory(name), d, prepend=prepend))
+            hook = hook_factory(name)
+            try:
+                check_hook_signature(hook, d)
+            except BaseException:
+                handles.remove()
+                raise
+            handles.append(register(sub, hook, d, prepend=prepend))
         return handles

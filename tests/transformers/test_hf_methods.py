@@ -14,9 +14,17 @@ from tdhook.latent import ActivationCaching, ActivationPatching, SteeringVectors
 
 
 def _manual_outputs(model: torch.nn.Module, **inputs: Any) -> dict[str, Any]:
+    """Every module's output; a module run twice (ViT's dropout) gives ``name`` then ``name#1``."""
     outputs: dict[str, Any] = {}
+    calls: dict[str, int] = {}
+
+    def record(name: str, output: Any) -> None:
+        k = calls.get(name, 0)
+        calls[name] = k + 1
+        outputs[name if k == 0 else f"{name}#{k}"] = output
+
     handles = [
-        module.register_forward_hook(lambda m, a, o, name=name: outputs.__setitem__(name, o))
+        module.register_forward_hook(lambda m, a, o, name=name: record(name, o))
         for name, module in model.named_modules()
         if name
     ]

@@ -19,10 +19,12 @@ inside the TensorDict-level module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -31,20 +33,34 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import ContextStateError, InvalidInputError, TdhookWarning
+from ..errors import (
+    CompiledModelError,
+    ConcurrencyError,
+    ContextStateError,
+    DtypeMismatchError,
+    InvalidInputError,
+    TdhookWarning,
+)
 from . import keys as _keys
 from .hooks import (
     CacheProxy,
     CachingHook,
+    CallTracker,
     EarlyStoppingException,
+    ForwardState,
     HandleGroup,
     HookDirection,
+    HookSpec,
     Installable,
     MutableWeakRef,
+    RootHooks,
     SettingHook,
     StoppingHook,
     StoringHook,
+    ThreadGate,
+    check_cache,
     check_callback,
+    check_hook_signature,
     install,
     register,
 )
@@ -61,6 +77,7 @@ __all__ = [
 ]
 
 ROOT_NAME = "td_module"
+_S = TypeVar("_S")
 
 
 def wrap_module(
@@ -83,6 +100,7 @@ def wrap_module(
         raise InvalidInputError(
             f"prepare() expects an nn.Module or a TensorDictModuleBase, got {type(module).__name__}."
         )
+    check_not_compiled(module)
     if isinstance(module, TensorDictModuleBase):
         selected_in = _check_subset(in_keys, module.in_keys, "in_keys")
         selected_out = _check_subset(out_keys, module.out_keys, "out_keys")
@@ -96,6 +114,67 @@ def wrap_module(
             out_keys=_keys.normalize_keys(out_keys) or [_keys.DEFAULT_OUT_KEY],
         )
     return td_module, "module", list(td_module.in_keys), list(td_module.out_keys)
+
+
+def _compiled_part(module: nn.Module) -> tuple[str, str] | None:
+    """``(name, how)`` of the first ``torch.compile``d part of ``module``, or None."""
+    for name, sub in module.named_modules():
+        label = name or "<root>"
+        if type(sub).__name__ == "OptimizedModule" and hasattr(sub, "_orig_mod"):
+            return label, "is a torch.compile OptimizedModule; pass its `._orig_mod` (same parameters)"
+        if getattr(sub, "_compiled_call_impl", None) is not None:
+            return label, "was compiled with `module.compile()`; use an uncompiled copy of the model"
+        for forward in (sub.__dict__.get("forward"), getattr(type(sub), "forward", None)):
+            if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
+                return label, "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+    return None
+
+
+def check_not_compiled(module: nn.Module) -> None:
+    """Refuse a ``torch.compile``d model or submodule.
+
+    Compiled code does not run hooks registered after compilation: caching would cache nothing
+    and steering would steer nothing, silently.
+
+    Raises:
+        CompiledModelError: Naming the compiled module and the fix.
+    """
+    found = _compiled_part(module)
+    if found is not None:
+        name, how = found
+        raise CompiledModelError(
+            f"Module {name!r} {how}. Compiled code ignores hooks added after compilation, so tdhook "
+            "cannot hook it (caches would stay empty, interventions would do nothing). Hook the eager "
+            "model, e.g. prepare(compiled._orig_mod), and compile afterwards if needed."
+        )
+
+
+def _first_float_param(module: nn.Module) -> torch.Tensor | None:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param
+    return None
+
+
+def _check_dtype(hooked: HookedModule, key: Any, value: Any) -> None:
+    """Refuse a floating input whose dtype differs from the model's first floating parameter.
+
+    ``key`` is the input's TensorDict key, or its position (an int) for a positional tensor.
+    """
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return
+    ref = hooked.__dict__.get("_ref_param", False)
+    if ref is False:
+        ref = hooked.__dict__["_ref_param"] = _first_float_param(hooked.td_module)
+    if ref is None or ref.dtype == value.dtype:
+        return
+    if torch.is_autocast_enabled(value.device.type):  # autocast casts inputs itself
+        return
+    name = f"positional argument {key}" if isinstance(key, int) else repr(key)
+    raise DtypeMismatchError(
+        f"Input {name} has dtype {value.dtype} but the model's parameters are {ref.dtype}. Cast the input "
+        f"(e.g. `x.to({ref.dtype})`) or the model (e.g. `model.to({value.dtype})`) so that they match."
+    )
 
 
 def _check_subset(keys: Any, available: Sequence[Any], name: str) -> list[Any]:
@@ -236,14 +315,51 @@ class HookedModule(TensorDictModuleWrapper):
         """Return the submodule at ``key`` (relative to the user model, or absolute from here)."""
         return resolve_path(self.root if relative else self, key)
 
+    @property
+    def calls(self) -> CallTracker | None:
+        """The per-forward tracker of the active context (repeated calls, in-place protection)."""
+        return self.__dict__.get("_tracker")
+
+    def method_state(self, owner: object, make: Callable[[], _S]) -> _S:
+        """Per-context state of a method: ``make()`` on first use, then the same object.
+
+        A hooked module is built at every enter, so the state lives as long as one context and
+        two contexts of one method instance (e.g. in two threads) never share it.
+        """
+        states = self.__dict__.setdefault("_method_states", {})
+        state = states.get(id(owner))
+        if state is None:
+            state = states[id(owner)] = make()
+        return state
+
+    def inplace_modules(self) -> list[nn.Module]:
+        """Submodules of the user model that modify their input in place (``inplace=True``), found once."""
+        found = self.__dict__.get("_inplace")
+        if found is None:
+            found = [
+                m
+                for m in self.root.modules()
+                # TensorDictModule's `inplace` means "write outputs into the input TensorDict"
+                if getattr(m, "inplace", False) is True and not isinstance(m, TensorDictModuleBase)
+            ]
+            self.__dict__["_inplace"] = found
+        return found
+
     # -- call ----------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ctx = self.hooking_context
-        if ctx is not None and not ctx.is_active:
-            raise ContextStateError(
-                "Contextual HookedModule must be called in context: this module's `with` block has exited. "
-                "Call it inside `with ...prepare(model) as hooked:`."
-            )
+        if ctx is not None:
+            if not ctx.is_active:
+                raise ContextStateError(
+                    "Contextual HookedModule must be called in context: this module's `with` block has "
+                    "exited. Call it inside `with ...prepare(model) as hooked:`."
+                )
+            if ctx._thread != threading.get_ident():
+                raise ConcurrencyError(
+                    f"This hooked module's context was entered in thread {ctx._thread}, but it is called from "
+                    f"thread {threading.get_ident()}. A context's hooks act only in the thread that entered "
+                    "it: enter a context (prepare(model)) in each thread instead of sharing the hooked module."
+                )
         chain = self.__dict__["_call_chain"]
         if args and isinstance(args[0], TensorDictBase):
             if chain is not None:
@@ -258,18 +374,22 @@ class HookedModule(TensorDictModuleWrapper):
                 f"{', '.join(type(a).__name__ for a in args) or 'keyword arguments'}. "
                 f"Build one: TensorDict({{{self.in_keys[0]!r}: x}}, batch_size=x.shape[:1])."
             )
+        for i, arg in enumerate(args):
+            _check_dtype(self, i, arg)
         direct = self.__dict__["_direct"]
         if direct is not None and len(args) == 1 and not kwargs and _unhooked(direct[0]):
             return _direct_call(direct[1], args[0], direct[0].out_keys[0])
         return self.td_module(*args, **kwargs)
 
     def _call_model(self, td: TensorDictBase, *args: Any, **kwargs: Any) -> TensorDictBase:
-        """Run the TensorDict-level model on ``td`` after checking its input keys."""
+        """Run the TensorDict-level model on ``td`` after checking its input keys and dtypes."""
         td_module = self.td_module
         needed = td_module.in_keys
         present = td.keys(include_nested=True)
         if any(k not in present for k in needed):
             _keys.check_keys(td, needed)
+        for key in needed:
+            _check_dtype(self, key, td.get(key))
         return td_module(td, *args, **kwargs)
 
     # -- context delegation ---------------------------------------------------------------------
@@ -308,10 +428,15 @@ class HookedModule(TensorDictModuleWrapper):
         prepend: bool = False,
         relative: bool = True,
     ) -> RemovableHandle:
-        """Register ``hook`` on the submodule at ``key`` and return torch's handle."""
-        return register(
-            self._hook_target(key, relative), hook, HookDirection.parse(direction), prepend=prepend
-        )
+        """Register ``hook`` on the submodule at ``key`` and return torch's handle.
+
+        Raises:
+            HookSignatureError: If torch cannot call ``hook`` with the direction's arguments (checked
+                now, not when it fires).
+        """
+        direction = HookDirection.parse(direction)
+        check_hook_signature(hook, direction)
+        return register(self._hook_target(key, relative), hook, direction, prepend=prepend)
 
     def _hook_target(self, key: str, relative: bool) -> nn.Module:
         """The submodule at ``key``, with a warning when it is a ModuleList (never called itself)."""
@@ -334,11 +459,27 @@ class HookedModule(TensorDictModuleWrapper):
         relative: bool = True,
     ) -> RemovableHandle:
         """Replace a module's value (output by default) by ``value`` or ``callback(..., value=...)``."""
+        return self._set(module_key, value, callback, direction, prepend, relative, self.calls)
+
+    def _set(
+        self,
+        module_key: str,
+        value: Any,
+        callback: Callable[..., Any] | None,
+        direction: str | HookDirection,
+        prepend: bool,
+        relative: bool,
+        calls: CallTracker | ForwardState | None,
+        thread: int | None = None,
+    ) -> Any:
         direction = HookDirection.parse(direction)
         check_callback(callback, direction, ("value", "direction"))
-        return self.register_submodule_hook(
-            module_key, SettingHook(value, direction, callback), direction, prepend, relative
+        hook: Callable[..., Any] = SettingHook(
+            value, direction, callback, None if direction.is_backward else calls
         )
+        if thread is not None and not direction.is_backward:
+            hook = ThreadGate(hook, thread)
+        return register(self._hook_target(module_key, relative), hook, direction, prepend=prepend)
 
     def get(
         self,
@@ -350,14 +491,38 @@ class HookedModule(TensorDictModuleWrapper):
         prepend: bool = False,
         relative: bool = True,
     ) -> tuple[Any, CacheProxy]:
-        """Store a module's value in ``cache`` under ``cache_key or f"{module_key}_{type}"``."""
+        """Store a module's value in ``cache`` under ``cache_key or f"{module_key}_{type}"``.
+
+        Inside an active context, call ``k > 0`` of the module within one forward is stored under
+        ``f"{cache_key}#{k}"`` (see :func:`~tdhook._core.hooks.call_key`).
+
+        Raises:
+            InvalidInputError: If ``cache`` is not a TensorDict (checked before anything is hooked).
+        """
+        return self._get(cache, module_key, cache_key, callback, direction, prepend, relative, self.calls)
+
+    def _get(
+        self,
+        cache: Any,
+        module_key: str,
+        cache_key: Any,
+        callback: Callable[..., Any] | None,
+        direction: str | HookDirection,
+        prepend: bool,
+        relative: bool,
+        calls: CallTracker | ForwardState | None,
+        thread: int | None = None,
+    ) -> tuple[Any, CacheProxy]:
+        check_cache(cache)
         direction = HookDirection.parse(direction)
         check_callback(callback, direction, ("key", "direction"))
         cache_key = cache_key or f"{module_key}_{direction.value_type}"
-        handle = self.register_submodule_hook(
-            module_key, CachingHook(cache_key, cache, direction, callback), direction, prepend, relative
-        )
-        return handle, CacheProxy(cache_key, cache)
+        proxy = CacheProxy(cache_key, cache)
+        hook: Callable[..., Any] = CachingHook(cache_key, cache, direction, callback, calls=calls)
+        if thread is not None and not direction.is_backward:
+            hook = ThreadGate(hook, thread)
+        handle = register(self._hook_target(module_key, relative), hook, direction, prepend=prepend)
+        return handle, proxy
 
     def stop(self, key: str) -> RemovableHandle:
         """Stop the forward pass after ``key`` ran (raises :class:`EarlyStoppingException`)."""
@@ -393,7 +558,16 @@ class HookedModule(TensorDictModuleWrapper):
         grad_enabled: bool = False,
         run_callback: Callable[[HookedModule, Any], Any] | None = None,
     ) -> HookedModuleRun:
-        """Deferred run (nnsight-like): register hooks in the ``with`` body, run at its exit."""
+        """Deferred run (nnsight-like): register hooks in the ``with`` body, run at its exit.
+
+        Raises:
+            InvalidInputError: If ``cache`` or ``run_cache`` is given and is not a TensorDict
+                (checked here, before any hook is installed).
+        """
+        if cache is not None:
+            check_cache(cache, "cache")
+        if run_cache is not None:
+            check_cache(run_cache, "run_cache")
         return HookedModuleRun(self, data, cache, run_name, run_sep, run_cache, grad_enabled, run_callback)
 
 
@@ -419,6 +593,7 @@ class HookedModuleRun:
         "_cache",
         "_cache_mirrors_store",
         "_callback",
+        "_calls",
         "_data",
         "_grad_enabled",
         "_handles",
@@ -428,6 +603,7 @@ class HookedModuleRun:
         "_sep",
         "_store",
         "_store_ref",
+        "_thread",
     )
 
     def __init__(
@@ -455,6 +631,8 @@ class HookedModuleRun:
         self._callback = run_callback or _default_run_callback
         self._handles = HandleGroup()
         self._active = False
+        self._calls: ForwardState | None = None
+        self._thread = threading.get_ident()
 
     @property
     def cache(self) -> TensorDictBase:
@@ -467,6 +645,7 @@ class HookedModuleRun:
 
     @cache.setter
     def cache(self, value: TensorDictBase) -> None:
+        check_cache(value, "run.cache")
         self._cache = value
         self._cache_mirrors_store = False
 
@@ -477,21 +656,38 @@ class HookedModuleRun:
                 self._cache.set(key, value)
 
     def __enter__(self) -> HookedModuleRun:
+        if self._thread != threading.get_ident():
+            raise ConcurrencyError(
+                "A run must be entered in the thread that created it; call hooked.run(...) in this thread."
+            )
+        check_no_foreign_exclusive(self._module.root)
+        inplace = self._module.inplace_modules()
+        self._calls = ForwardState(track_storage=bool(inplace))
+        for module in inplace:  # copy held values just before an in-place module modifies them
+            self._handles.append(register(module, self._calls.before_inplace, HookDirection.FWD_PRE))
         self._active = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        calls = self._calls
+        assert calls is not None
+        finished = False
+        calls.begin()
         try:
             if torch.is_grad_enabled() == self._grad_enabled:  # skip the grad-mode switch when it is a no-op
                 self._callback(self._module, self._data)
             else:
                 with torch.set_grad_enabled(self._grad_enabled):
                     self._callback(self._module, self._data)
+            finished = True
         except EarlyStoppingException:
-            pass
+            finished = True
         finally:
             self._active = False
-            self._handles.remove()
+            try:
+                calls.end(check=finished)  # raises InPlaceModificationError for a modified stored value
+            finally:
+                self._handles.remove()
         self._mirror_store()  # ``cache`` read inside the body: bring it up to date
 
     def _store_hook(
@@ -506,7 +702,8 @@ class HookedModuleRun:
         """Register a hook writing ``key``'s value to the run's dict; the hot path of ``get``/``save``."""
         if callback is not None:
             check_callback(callback, direction, ("key", "direction"))
-        hook = StoringHook(cache_key, self._store, direction, callback)
+        thread = None if direction.is_backward else self._thread
+        hook = StoringHook(cache_key, self._store, direction, callback, self._calls, thread)
         module = self._module._hook_target(key, relative)
         self._handles.append(register(module, hook, direction, prepend=prepend))
         return CacheProxy(cache_key, self._store_ref)
@@ -533,7 +730,9 @@ class HookedModuleRun:
         if self._cache is None:
             cache_key = cache_key or f"{key}_{direction.value_type}"
             return self._store_hook(key, cache_key, callback, direction, prepend, relative)
-        handle, proxy = self._module.get(self._cache, key, cache_key, callback, direction, prepend, relative)
+        handle, proxy = self._module._get(
+            self._cache, key, cache_key, callback, direction, prepend, relative, self._calls, self._thread
+        )
         self._handles.append(handle)
         return proxy
 
@@ -554,7 +753,9 @@ class HookedModuleRun:
         cache_key = cache_key or f"{self._name}{self._sep}{key}_{direction.value_type}"
         if cache is None:
             return self._store_hook(key, cache_key, callback, direction, prepend, relative)
-        handle, proxy = self._module.get(cache, key, cache_key, callback, direction, prepend, relative)
+        handle, proxy = self._module._get(
+            cache, key, cache_key, callback, direction, prepend, relative, self._calls, self._thread
+        )
         self._handles.append(handle)
         return proxy
 
@@ -570,12 +771,15 @@ class HookedModuleRun:
     ) -> None:
         """Replace ``key``'s value by ``value`` (a tensor or a :class:`CacheProxy`) or a callback's."""
         self._check("set")
-        self._handles.append(self._module.set(key, value, callback, direction, prepend, relative))
+        self._handles.append(
+            self._module._set(key, value, callback, direction, prepend, relative, self._calls, self._thread)
+        )
 
     def stop(self, key: str) -> None:
         """End the forward pass after ``key`` ran."""
         self._check("stop")
-        self._handles.append(self._module.stop(key))
+        hook = ThreadGate(StoppingHook(key), self._thread)
+        self._handles.append(register(self._module._hook_target(key, True), hook, HookDirection.FWD))
 
     def get_input(self, key: str, **kw: Any) -> CacheProxy:
         return self.get(key, direction=HookDirection.FWD_PRE, **kw)
@@ -631,6 +835,9 @@ class HookingContextFactory:
     _hooked_module_class: type[HookedModule] = HookedModule
     #: True for methods whose ``_call`` needs a TensorDict (tensor calls are refused).
     _needs_tensordict = False
+    #: True for methods that keep no per-call state on the instance, so that one instance may be
+    #: active in contexts of several threads at once; others refuse a second thread.
+    _thread_safe = False
 
     def prepare(
         self,
@@ -687,6 +894,112 @@ class HookingContextFactory:
         """Per-exit state tear-down (after the plan is undone)."""
 
 
+# --------------------------------------------------------------------------------------------
+# Threads: which contexts are active on which model, from which thread
+# --------------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+#: id(model root) -> [(context, thread, exclusive)] for every active context on that model.
+_ACTIVE: dict[int, list[tuple[HookingContext, int, bool]]] = {}
+#: id(factory) -> {thread: number of active contexts of that factory in the thread}.
+_FACTORY_THREADS: dict[int, dict[int, int]] = {}
+
+
+def _edits_or_backward(item: Installable) -> bool:
+    """True for what cannot be confined to one thread: backward hooks (autograd's threads).
+
+    Weight edits are not confined either, but compose across threads by themselves (their
+    owners keep a stack of edits, or refuse a second thread, as LRP does).
+    """
+    return isinstance(item, HookSpec) and item.direction.is_backward
+
+
+def _gate(item: Installable, thread: int, tracker: CallTracker) -> Installable:
+    """A forward hook that acts only in ``thread`` (and runs once per forward if ``once``); others unchanged."""
+    if isinstance(item, HookSpec) and not item.direction.is_backward:
+        hook = ThreadGate(item.hook, thread, tracker if item.once else None)
+        if type(item) is HookSpec:  # dataclasses.replace costs ~5 µs a spec
+            return HookSpec(item.module, hook, item.direction, item.prepend, item.once)
+        return dataclasses.replace(item, hook=hook)
+    return item
+
+
+def _claim_factories(factories: Sequence[HookingContextFactory], thread: int) -> None:
+    with _LOCK:
+        for f in factories:
+            others = [t for t in _FACTORY_THREADS.get(id(f), {}) if t != thread]
+            if others and not f._thread_safe:
+                raise ConcurrencyError(
+                    f"This {type(f).__name__} instance is already active in a context of another thread "
+                    f"({others[0]}); it keeps per-call state, which two threads would mix. Create one "
+                    f"{type(f).__name__}(...) per thread."
+                )
+        for f in factories:
+            counts = _FACTORY_THREADS.setdefault(id(f), {})
+            counts[thread] = counts.get(thread, 0) + 1
+
+
+def _release_factories(factories: Sequence[HookingContextFactory], thread: int | None) -> None:
+    with _LOCK:
+        for f in factories:
+            counts = _FACTORY_THREADS.get(id(f))
+            if counts is None or thread not in counts:
+                continue
+            counts[thread] -= 1
+            if counts[thread] <= 0:
+                del counts[thread]
+            if not counts:
+                del _FACTORY_THREADS[id(f)]
+
+
+def _model_id(root: nn.Module) -> int:
+    """The registry key of a model: the module a plain ``TensorDictModule`` wraps, else the module."""
+    return id(root.module) if type(root) is TensorDictModule else id(root)
+
+
+def _claim_model(context: HookingContext, root: nn.Module, thread: int, exclusive: bool) -> None:
+    with _LOCK:
+        entries = _ACTIVE.setdefault(_model_id(root), [])
+        for other, other_thread, other_exclusive in entries:
+            if other_thread != thread and (exclusive or other_exclusive):
+                editing = context if exclusive else other
+                raise ConcurrencyError(
+                    f"{type(root).__name__} already has an active {type(other.factory).__name__} context "
+                    f"from another thread ({other_thread}), and {type(editing.factory).__name__} uses backward "
+                    "hooks, which autograd may run in any thread. Use one model copy "
+                    "per thread (copy.deepcopy(model)), or run the two contexts one after the other."
+                )
+        entries.append((context, thread, exclusive))
+
+
+def _release_model(context: HookingContext, root: nn.Module | None) -> None:
+    if root is None:
+        return
+    with _LOCK:
+        entries = _ACTIVE.get(_model_id(root))
+        if entries is None:
+            return
+        entries[:] = [e for e in entries if e[0] is not context]
+        if not entries:
+            del _ACTIVE[_model_id(root)]
+
+
+def check_no_foreign_exclusive(root: nn.Module) -> None:
+    """Refuse to run ``root`` while another thread holds a context with backward hooks on it."""
+    if not _ACTIVE:
+        return
+    thread = threading.get_ident()
+    with _LOCK:
+        entries = list(_ACTIVE.get(_model_id(root), ()))
+    for other, other_thread, exclusive in entries:
+        if exclusive and other_thread != thread:
+            raise ConcurrencyError(
+                f"{type(root).__name__} has backward hooks of a {type(other.factory).__name__} context of another "
+                f"thread ({other_thread}); a run now could trigger them. Wait for that context to exit, or use "
+                "one model copy per thread."
+            )
+
+
 class HookingContext:
     """The lifecycle of one method bound to one model (see the module docstring).
 
@@ -712,10 +1025,21 @@ class HookingContext:
         self._handles: HandleGroup | None = None
         self._managed = True
         self._hooks_disabled = False
+        self._thread: int | None = None
+        self._root: nn.Module | None = None
 
     @property
     def is_active(self) -> bool:
         return self._hooked is not None
+
+    def _inplace_modules(self, hooked: HookedModule) -> list[nn.Module]:
+        """The model's in-place modules, found at the first enter (a new hooked module is built each time)."""
+        found = self.__dict__.get("_inplace")
+        if found is None:
+            found = self.__dict__["_inplace"] = hooked.inplace_modules()
+        else:
+            hooked.__dict__["_inplace"] = found
+        return found
 
     @property
     def hooked_module(self) -> HookedModule | None:
@@ -735,23 +1059,44 @@ class HookingContext:
             in_keys=self.in_keys,
             out_keys=self.out_keys,
         )
+        thread = threading.get_ident()
+        root = hooked.root
+        _claim_factories(self._factories(), thread)
         entered: list[HookingContextFactory] = []
+        claimed = False
         try:
+            inplace = self._inplace_modules(hooked)
+            tracker = CallTracker(track_storage=bool(inplace))
+            hooked.__dict__["_tracker"] = tracker
             for f in self._factories():
                 f._enter(self)
                 entered.append(f)
             plan: list[Installable] = []
             for f in self._factories():
                 plan.extend(f._plan(hooked))
-            self._plan = plan
-            self._handles = install(plan)
+            exclusive = any(_edits_or_backward(item) for item in plan)
+            _claim_model(self, root, thread, exclusive)
+            claimed = True
+            # The tracker's hooks come first: root hooks delimit each forward (call counting, checks
+            # of stored values), pre-hooks of in-place modules copy stored values just in time.
+            core: list[Installable] = [RootHooks(root, tracker)]
+            core.extend(
+                HookSpec(m, tracker.before_inplace, HookDirection.FWD_PRE, prepend=True) for m in inplace
+            )
+            self._plan = core + [_gate(item, thread, tracker) for item in plan]
+            self._thread = thread
+            self._handles = install(self._plan)
             hooked.__dict__["_call_chain"] = self._build_chain(hooked)
         except BaseException:
             for f in reversed(entered):
                 f._exit(self)
             self._plan = []
+            if claimed:
+                _release_model(self, root)
+            _release_factories(self._factories(), thread)
             raise
         self._hooked = hooked
+        self._root = root
         self._managed = True
         return hooked
 
@@ -776,8 +1121,14 @@ class HookingContext:
             self._hooks_disabled = False
             if hooked is not None:
                 hooked.__dict__["_call_chain"] = None
-            for f in reversed(self._factories()):
-                f._exit(self)
+            try:
+                for f in reversed(self._factories()):
+                    f._exit(self)
+            finally:
+                if hooked is not None:
+                    _release_model(self, self._root)
+                    _release_factories(self._factories(), self._thread)
+                self._root = None
 
     @contextlib.contextmanager
     def disable_hooks(self) -> Iterator[None]:

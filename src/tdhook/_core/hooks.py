@@ -11,6 +11,7 @@ reports is the key it was built for.
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +24,20 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import ContextStateError, HookSignatureError, InvalidDirectionError
+from ..errors import (
+    ContextStateError,
+    DeadReferenceError,
+    HookSignatureError,
+    InPlaceModificationError,
+    InvalidDirectionError,
+    InvalidInputError,
+    MultipleCallError,
+)
 
 __all__ = [
     "CacheProxy",
     "CachingHook",
+    "CallTracker",
     "EarlyStoppingException",
     "HandleGroup",
     "HookDirection",
@@ -40,7 +50,11 @@ __all__ = [
     "StoppingHook",
     "StoringHook",
     "TensorDictRef",
+    "ThreadGate",
+    "call_key",
+    "check_cache",
     "check_callback",
+    "check_hook_signature",
     "check_keywords",
     "declared_keywords",
     "install",
@@ -164,12 +178,19 @@ class Installable(Protocol):
 
 @dataclass(frozen=True)
 class HookSpec:
-    """A description of one hook: which module, which hook point, which callable."""
+    """A description of one hook: which module, which hook point, which callable.
+
+    ``once=True`` (forward directions, inside a hooking context) declares that the hook needs
+    the module to run at most once per forward pass: a second call of the module in the same
+    forward raises :class:`~tdhook.errors.MultipleCallError` instead of silently mixing calls
+    (e.g. layer attribution to a module that is applied twice).
+    """
 
     module: nn.Module
     hook: Callable[..., Any]
     direction: HookDirection = HookDirection.FWD
     prepend: bool = False
+    once: bool = False
 
     def install(self) -> RemovableHandle:
         return register(self.module, self.hook, self.direction, prepend=self.prepend)
@@ -230,6 +251,279 @@ def install(items: Iterable[Installable]) -> HandleGroup:
 
 
 # --------------------------------------------------------------------------------------------
+# Hook signatures (spec §4.1), checked when a user hook is registered
+# --------------------------------------------------------------------------------------------
+
+
+def check_hook_signature(hook: Callable[..., Any], direction: HookDirection) -> None:
+    """Check at registration that torch can call ``hook`` with the direction's positional arguments.
+
+    torch calls a hook with ``len(direction.params)`` positional arguments (e.g. ``module, args,
+    output`` for ``"fwd"``). A hook without ``*args`` must have exactly that many positional
+    parameters without a default (parameters with a default and ``**kwargs`` are not counted);
+    one with ``*args`` must not require more. Keyword-only parameters must have a default.
+
+    Raises:
+        HookSignatureError: With the expected signature, when the hook cannot be called so.
+    """
+    if not callable(hook):
+        raise HookSignatureError(
+            f"Hook ({direction.value}) must be callable, got {type(hook).__name__} {hook!r}."
+        )
+    if type(hook) in _INTERNAL_HOOKS:
+        return
+    memo = (hook.__code__, direction) if type(hook) is FunctionType and not hook.__dict__ else None
+    if memo is not None and memo in _CHECKED:
+        return
+    try:
+        params = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    n = len(direction.params)
+    expected = f"({', '.join(direction.params)})"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    var_args = any(p.kind is p.VAR_POSITIONAL for p in params)
+    kw_required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if kw_required:
+        raise HookSignatureError(
+            f"Hook ({direction.value}) must have the signature {expected}; {hook!r} also requires the "
+            f"keyword-only parameters {kw_required}, which torch never passes. Give them defaults."
+        )
+    if var_args:
+        if len(required) > n:
+            raise HookSignatureError(
+                f"Hook ({direction.value}) must have at most {n} positional parameters without a default, "
+                f"got {len(required)} ({[p.name for p in required]}) in {hook!r}. Expected {expected}."
+            )
+    elif len(required) != n:
+        raise HookSignatureError(
+            f"Hook ({direction.value}) must have the signature {expected}: {n} positional parameters, got "
+            f"{len(required)} ({[p.name for p in required]}) in {hook!r}. Example: "
+            f"`def hook{expected}: ...`, or `def hook(*args): ...`."
+        )
+    _remember(memo)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-forward bookkeeping: repeated calls, in-place protection, threads
+# --------------------------------------------------------------------------------------------
+
+
+def call_key(key: Any, index: int) -> Any:
+    """The key under which call ``index`` (from 0) of a module within one forward is stored.
+
+    The first call keeps ``key``; later calls get ``#<index>`` appended to the key's last part:
+    ``"fc"``, ``"fc#1"``, ``"fc#2"``... and ``("fwd", "fc#1")`` for tuple keys.
+    """
+    if index == 0:
+        return key
+    if isinstance(key, tuple):
+        return (*key[:-1], f"{key[-1]}#{index}")
+    return f"{key}#{index}"
+
+
+def _storage_id(tensor: torch.Tensor) -> int | None:
+    """Where the tensor's data starts (a tenth of the cost of ``untyped_storage().data_ptr()``).
+
+    A stored view at another offset of the modified tensor is not matched: it is then caught by
+    the version check at the end of the forward instead (a clear error, never a silent change).
+    """
+    try:
+        return tensor.data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse, meta, functional tensors...
+        return None
+
+
+class _Held:
+    """A stored tensor that aliases an activation, with its version when it was stored."""
+
+    __slots__ = ("container", "key", "label", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: int, container: Any, key: Any, label: Any) -> None:
+        self.tensor = tensor
+        self.version = version
+        self.container = container
+        self.key = key
+        self.label = label
+
+
+class ForwardState:
+    """What one forward pass (or one deferred run) of one thread has stored and counted.
+
+    * ``index(hook)`` counts the calls of a hook within the forward (0 for the first), so that
+      a module called twice is stored twice (see :func:`call_key`).
+    * ``hold(...)`` remembers a stored tensor that aliases an activation, with its version
+      counter. Before an in-place module (``nn.ReLU(inplace=True)``...) modifies a held tensor,
+      :meth:`before_inplace` copies it (only then: the copy costs nothing when no in-place module
+      touches the value); at the end of the forward, :meth:`end` checks that no other in-place
+      operation (``x += 1``, ``x.relu_()`` in a ``forward``) modified a held tensor, and raises
+      :class:`~tdhook.errors.InPlaceModificationError` if one did.
+    """
+
+    __slots__ = ("counts", "depth", "held", "pending", "track_storage")
+
+    def __init__(self, track_storage: bool = False) -> None:
+        self.depth = 0
+        self.counts: dict[int, int] = {}
+        self.held: list[_Held] = []
+        self.pending: dict[int, list[_Held]] = {}
+        #: True when in-place modules are hooked to copy held values just in time.
+        self.track_storage = track_storage
+
+    def state(self) -> ForwardState:
+        return self
+
+    def begin(self) -> None:
+        self.depth += 1
+        if self.depth == 1 and (self.counts or self.held):  # left over from an interrupted forward
+            self.counts, self.held, self.pending = {}, [], {}
+
+    def end(self, check: bool = True) -> None:
+        if self.depth > 1:
+            self.depth -= 1
+            return
+        self.depth = 0
+        if self.counts or self.held:
+            held, self.held, self.pending, self.counts = self.held, [], {}, {}
+            if check:
+                _check_versions(held)
+
+    def index(self, hook: Any) -> int:
+        """The number of earlier calls of ``hook`` in the current forward (0 outside a forward)."""
+        if self.depth == 0:
+            return 0
+        counts = self.counts
+        n = counts.get(id(hook), 0)
+        counts[id(hook)] = n + 1
+        return n
+
+    def hold(self, tensor: Any, container: Any, key: Any, label: Any) -> None:
+        """Remember that ``container[key]`` holds ``tensor``, an activation the model may still modify."""
+        if self.depth == 0 or not isinstance(tensor, torch.Tensor) or tensor.is_inference():
+            return
+        held = _Held(tensor, tensor._version, container, key, label)
+        self.held.append(held)
+        if self.track_storage:
+            sid = _storage_id(tensor)
+            if sid is not None:
+                self.pending.setdefault(sid, []).append(held)
+
+    def before_inplace(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook of an in-place module: copy the held tensors it is about to modify."""
+        if not self.pending:
+            return
+        for arg in args if isinstance(args, tuple) else (args,):
+            if not isinstance(arg, torch.Tensor):
+                continue
+            sid = _storage_id(arg)
+            for held in self.pending.pop(sid, ()) if sid is not None else ():
+                if held.tensor._version == held.version:
+                    copy = held.tensor.clone()
+                    held.container[held.key] = copy
+                    held.tensor, held.version = copy, copy._version
+
+
+def _check_versions(held: list[_Held]) -> None:
+    changed = [h.label for h in held if h.tensor._version != h.version]
+    if changed:
+        raise InPlaceModificationError(
+            f"The stored activation(s) {changed} were modified in place after their hook stored them (an "
+            "in-place operation later in the forward, such as `x += ...` or `x.relu_()`), so the stored "
+            "values are not the modules' outputs. Store a copy with a callback, e.g. "
+            "`callback=lambda output, **_: output.clone()`, or make the later operation out of place."
+        )
+
+
+class CallTracker:
+    """A :class:`ForwardState` per thread, for the hooks of one hooking context.
+
+    The context installs :meth:`forward_pre_hook` and :meth:`forward_hook` on the model's root,
+    so every forward (through the hooked module or a plain ``model(x)`` inside the context)
+    starts and ends one state.
+    """
+
+    __slots__ = ("__weakref__", "_local", "track_storage")
+
+    def __init__(self, track_storage: bool = False) -> None:
+        self._local = threading.local()
+        self.track_storage = track_storage
+
+    def state(self) -> ForwardState:
+        local = self._local
+        try:
+            return local.state
+        except AttributeError:
+            local.state = ForwardState(self.track_storage)
+            return local.state
+
+    def forward_pre_hook(self, module: nn.Module, args: Any) -> None:
+        self.state().begin()
+
+    def forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        # An always-call hook: on an exception (or an early stop) the output is None; stored values
+        # then come from modules that had finished, so only the counters are reset.
+        self.state().end(check=output is not None)
+
+    def before_inplace(self, module: nn.Module, args: Any) -> None:
+        self.state().before_inplace(module, args)
+
+
+@dataclass(frozen=True)
+class RootHooks:
+    """Installable: the tracker's hooks on the model root (first pre-hook, last always-call hook)."""
+
+    root: nn.Module
+    tracker: CallTracker
+
+    def install(self) -> HandleGroup:
+        group = HandleGroup()
+        group.append(self.root.register_forward_pre_hook(self.tracker.forward_pre_hook, prepend=True))
+        group.append(self.root.register_forward_hook(self.tracker.forward_hook, always_call=True))
+        return group
+
+
+@dataclass(slots=True)
+class ThreadGate:
+    """A forward hook that acts only in the thread that installed it (a no-op in other threads).
+
+    With ``calls`` (a :class:`CallTracker`), the wrapped hook refuses a second call of its module
+    within one forward (see :attr:`HookSpec.once`).
+    """
+
+    hook: Callable[..., Any]
+    thread: int
+    calls: CallTracker | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            return None
+        if self.calls is not None and self.calls.state().index(self):
+            label = getattr(self.hook, "key", None) or getattr(self.hook, "module_key", None)
+            label = label if label is not None else type(args[0]).__name__
+            raise MultipleCallError(
+                f"Module {label!r} ran more than once in one forward pass, but {type(self.hook).__name__} needs "
+                "one activation per forward (e.g. layer attribution). Hook a module that runs once (e.g. a "
+                "wrapper applied once), or split the repeated use into distinct modules."
+            )
+        return self.hook(*args)
+
+
+def check_cache(cache: Any, name: str = "cache") -> None:
+    """Refuse a cache that hooks cannot write to (before any hook is installed).
+
+    Raises:
+        InvalidInputError: Unless ``cache`` is a TensorDict, a :class:`MutableWeakRef` or a
+            :class:`TensorDictRef`.
+    """
+    if not isinstance(cache, (TensorDictBase, MutableWeakRef, TensorDictRef)):
+        raise InvalidInputError(
+            f"{name} must be a TensorDict (or a MutableWeakRef/TensorDictRef to one), got "
+            f"{type(cache).__name__} {cache!r}. Pass e.g. {name}=TensorDict()."
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # References and proxies
 # --------------------------------------------------------------------------------------------
 
@@ -269,8 +563,9 @@ def _resolve_cache(cache: Any) -> TensorDictBase:
         return cache
     resolved = cache.resolve()
     if resolved is None:
-        raise ContextStateError(
-            "Dead reference to cache: the TensorDict it pointed to was garbage-collected."
+        raise DeadReferenceError(
+            "Dead reference to cache: the TensorDict it pointed to was garbage-collected. Keep the cache "
+            "TensorDict alive (hold a variable to it) while hooks write to it."
         )
     return resolved
 
@@ -291,7 +586,7 @@ class CacheProxy:
     def resolve(self) -> Any:
         cache = self._cache.resolve()
         if cache is None:
-            raise ContextStateError(
+            raise DeadReferenceError(
                 "Dead reference to cache: keep the cache TensorDict alive while using proxies."
             )
         return cache.get(self.key, None)
@@ -507,29 +802,51 @@ class StoringHook:
     """Store the hooked value (or ``callback(...)``) in a plain dict, ``store[key]``.
 
     The hook of ``run().get/save``: a run's values go to a dict (a dict write costs a tenth of
-    ``TensorDict.set``) and become a TensorDict only if ``run.cache`` is read.
+    ``TensorDict.set``) and become a TensorDict only if ``run.cache`` is read. With ``calls`` (the
+    run's :class:`ForwardState`), call ``k > 0`` of the module is stored under
+    ``call_key(key, k)`` and forward values are protected from later in-place operations.
     """
 
     key: Any
     store: dict
     direction: HookDirection = HookDirection.FWD
     callback: Callable[..., Any] | None = None
+    calls: ForwardState | None = None
+    thread: int | None = None
 
     def __call__(self, *args: Any) -> None:
+        if self.thread is not None and threading.get_ident() != self.thread:
+            return  # another thread's forward: not this run's
         if self.callback is not None:
-            self.store[self.key] = _hook_value(self.direction, self.callback, self.key, args)
+            value = _hook_value(self.direction, self.callback, self.key, args)
+        else:
+            value = args[_VALUE_INDEX[self.direction]]  # _hook_value inlined: this runs once per saved module
+            if isinstance(value, tuple) and len(value) == 1:
+                value = value[0]
+            if not isinstance(value, (torch.Tensor, TensorDictBase)):
+                _check_storable(value, self.key)
+        calls = self.calls
+        if calls is None or not calls.depth:
+            self.store[self.key] = value
             return
-        value = args[_VALUE_INDEX[self.direction]]  # _hook_value inlined: this runs once per saved module
-        if isinstance(value, tuple) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, (torch.Tensor, TensorDictBase)):
-            _check_storable(value, self.key)
-        self.store[self.key] = value
+        key = self.key
+        n = calls.index(self)
+        if n:
+            key = call_key(key, n)
+        self.store[key] = value
+        if self.thread is not None:  # forward directions: protect against later in-place ops
+            calls.hold(value, self.store, key, key)
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses build ~5x slower, on the run() hot path
 class CachingHook:
-    """Store the hooked value (or ``callback(...)``) at ``cache[key]``."""
+    """Store the hooked value (or ``callback(...)``) at ``cache[key]``.
+
+    With ``calls`` (a :class:`CallTracker` or :class:`ForwardState`), call ``k > 0`` of the module
+    within one forward is stored under ``call_key(key, k)`` (so ``accumulate`` concatenates each
+    call with the same call of earlier batches, never calls with samples), and a stored forward
+    value is protected from later in-place operations of the model.
+    """
 
     key: Any
     cache: Any
@@ -543,6 +860,7 @@ class CachingHook:
     #: The dimension ``accumulate`` concatenates along (0: calls over batches; 1: the steps of
     #: a generation with a key-value cache).
     accumulate_dim: int = 0
+    calls: CallTracker | ForwardState | None = None
 
     def __call__(self, *args: Any) -> None:
         if self.nested:
@@ -557,19 +875,34 @@ class CachingHook:
         if self.detach:
             value = value.detach()
         cache = _resolve_cache(self.cache)
+        key = self.key
+        state = self.calls.state() if self.calls is not None else None
+        if state is not None and state.depth:
+            n = state.index(self)
+            if n:
+                key = call_key(key, n)
+        stored = value
         if self.accumulate:
-            previous = cache.get(self.key, None)
+            previous = cache.get(key, None)
             if previous is not None:
-                value = _concat(previous, value, self.accumulate_dim)
+                stored = _concat(previous, value, self.accumulate_dim)
         if cache.is_locked:  # e.g. memory-mapped: write in place into the preallocated entry
-            if self.key not in cache.keys(include_nested=True):
+            if key not in cache.keys(include_nested=True):
                 raise HookValueError(
-                    f"Cannot add key {self.key!r} to a locked (e.g. memory-mapped) cache. Preallocate it with the "
+                    f"Cannot add key {key!r} to a locked (e.g. memory-mapped) cache. Preallocate it with the "
                     f"activation's shape {tuple(value.shape)} before memory-mapping, or unlock the TensorDict."
                 )
-            cache.set_(self.key, value)
-        else:
-            cache.set(self.key, value)
+            cache.set_(key, stored)
+            return
+        cache.set(key, stored)
+        if (
+            state is not None
+            and stored is value
+            and not self.direction.is_backward
+            and isinstance(value, torch.Tensor)
+            and (cache.device is None or cache.device == value.device)
+        ):
+            state.hold(value, cache, key, key)
 
     def _callback_value(self, args: tuple[Any, ...]) -> Any:
         assert self.callback is not None
@@ -599,11 +932,16 @@ def _fit_replacement(value: Any, original: Any, direction: HookDirection) -> Any
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses build ~5x slower, on the run() hot path
 class SettingHook:
-    """Replace the hooked value by ``value`` or ``callback(..., value=value)`` (``None`` keeps it)."""
+    """Replace the hooked value by ``value`` or ``callback(..., value=value)`` (``None`` keeps it).
+
+    With ``calls``, a value read from a :class:`CacheProxy` and put into the model is protected
+    like a stored one: a later in-place operation of the model cannot change the cache.
+    """
 
     value: Any
     direction: HookDirection = HookDirection.FWD
     callback: Callable[..., Any] | None = None
+    calls: CallTracker | ForwardState | None = None
 
     def __call__(self, *args: Any) -> Any:
         index = _VALUE_INDEX[self.direction]
@@ -611,6 +949,10 @@ class SettingHook:
         value = self.value
         if isinstance(value, CacheProxy):
             value = value.resolve()
+            if self.calls is not None and self.callback is None and isinstance(value, torch.Tensor):
+                container = self.value._cache.resolve()
+                if container is not None:
+                    self.calls.state().hold(value, container, self.value.key, self.value.key)
         if self.callback is not None:
             if self.direction is _FWD:  # the common case, without building the keyword dict
                 value = self.callback(
@@ -648,3 +990,7 @@ class StoppingHook:
 
     def __call__(self, *args: Any) -> None:
         raise EarlyStoppingException(self.key)
+
+
+#: tdhook's own hook classes: their signatures are right by construction (not inspected).
+_INTERNAL_HOOKS = frozenset({StoringHook, CachingHook, SettingHook, ReadingHook, StoppingHook, ThreadGate})

@@ -26,6 +26,7 @@ from ..errors import ModulePathError, NoMatchError, nearest
 
 __all__ = [
     "PathStep",
+    "compile_pattern",
     "join_paths",
     "parse_path",
     "resolve_path",
@@ -199,9 +200,38 @@ def iter_named_modules(
             yield name, module  # type: ignore[misc]
 
 
+def compile_pattern(pattern: str | re.Pattern[str] | Sequence[str]) -> re.Pattern[str]:
+    """Compile a module pattern; a list or tuple of patterns matches a name matching any of them.
+
+    Raises:
+        NoMatchError: For an invalid regular expression, or a value that is neither a string nor
+            a list of strings (the message names it).
+    """
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    if isinstance(pattern, (list, tuple)):
+        if not pattern or not all(isinstance(p, str) for p in pattern):
+            raise NoMatchError(
+                f"Invalid module pattern {pattern!r}: expected a regular expression (str) or a non-empty "
+                "list of them, e.g. [r'layers\\.0$', r'fc\\d'] (a module matching any is selected)."
+            )
+        source = "|".join(f"(?:{p})" for p in pattern)
+    elif isinstance(pattern, str):
+        source = pattern
+    else:
+        raise NoMatchError(
+            f"Invalid module pattern {pattern!r}: expected a regular expression (str) or a list of them, got "
+            f"{type(pattern).__name__}."
+        )
+    try:
+        return re.compile(source)
+    except re.error as err:
+        raise NoMatchError(f"Invalid module pattern {pattern!r}: {err}") from None
+
+
 def select_modules(
     root: nn.Module,
-    pattern: str | re.Pattern[str] | None,
+    pattern: str | re.Pattern[str] | Sequence[str] | None,
     *,
     classes_to_hook: tuple[type, ...] = (nn.Module,),
     classes_to_skip: tuple[type, ...] = (),
@@ -212,7 +242,7 @@ def select_modules(
 
     Args:
         root: Module whose ``named_modules()`` are searched (the root itself is excluded).
-        pattern: Regular expression; ``None`` matches nothing.
+        pattern: Regular expression, or a list of them (matching any); ``None`` matches nothing.
         classes_to_hook: Only instances of these classes are kept.
         classes_to_skip: Instances of these classes are dropped.
         prefix: Prepended (with a dot) to every name before matching, e.g. ``"td_module"`` for
@@ -231,10 +261,7 @@ def select_modules(
                 "No module pattern given (None). Pass a regular expression such as r'layers\\.\\d+$'."
             )
         return []
-    try:
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
-    except re.error as err:
-        raise NoMatchError(f"Invalid module pattern {pattern!r}: {err}") from None
+    regex = compile_pattern(pattern)
     selected = []
     candidates = []
     head = join_paths(prefix)

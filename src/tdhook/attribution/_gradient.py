@@ -470,10 +470,12 @@ class GradientAttribution(HookingContextFactory):
         plan: list[Installable] = []
         for key in self.input_modules:
             plan.append(
-                HookSpec(hooked.resolve(key), _InputModuleHook(key, self._state, self.cache_callback))
+                HookSpec(
+                    hooked.resolve(key), _InputModuleHook(key, self._state, self.cache_callback), once=True
+                )
             )
         for key in self.target_modules:
-            plan.append(HookSpec(hooked.resolve(key), _TargetModuleHook(key, self._state)))
+            plan.append(HookSpec(hooked.resolve(key), _TargetModuleHook(key, self._state), once=True))
         for key, cb in self.output_grad_callbacks.items():
             plan.append(
                 HookSpec(

@@ -11,7 +11,7 @@ from torch import nn
 
 from .._core.context import HookedModule, HookingContext, HookingContextFactory, HookingContextWithCache
 from .._core.hooks import CachingHook, HookDirection, HookSpec, check_callback
-from .._core.paths import select_modules
+from .._core.paths import compile_pattern, select_modules
 from ..errors import InvalidInputError
 from ..targets import Target
 from ._targeted import TargetCallback, check_cache_key, publish_cache, target_list
@@ -37,7 +37,7 @@ class ActivationCaching(HookingContextFactory):
         callback: ``callback(module, args, output, key, direction)`` returning the value to
             store, e.g. ``lambda output, **_: output[0]`` to keep one entry of a tuple.
         directions: Hook points, among ``"fwd"``, ``"fwd_pre"``, ``"bwd"``, ``"bwd_pre"`` (and the
-            ``_kwargs`` variants). Defaults to ``["fwd"]``.
+            ``_kwargs`` variants). Defaults to ``["fwd"]``; a single string is one direction.
         use_nested_keys: Store under ``(direction, name)`` rather than ``name`` (always the case
             with several directions).
         clear_cache: Clear the cache at every enter.
@@ -61,6 +61,12 @@ class ActivationCaching(HookingContextFactory):
     at all is not stored. So ``ActivationCaching(".*")`` works on transformers: a GPT-2 attention
     module's ``(attn_output, None)`` is stored at ``(name, "0")``.
 
+    A module that runs more than once in one forward pass is cached once per call: the first
+    call under its key (``"fc"``), call ``k`` under ``"fc#k"`` (``("fwd", "fc#1")`` with nested
+    keys); with ``accumulate``, each call is concatenated with the same call of earlier batches.
+    Stored values equal the module's output when it was produced, even if the model later
+    modifies it in place (``nn.ReLU(inplace=True)``).
+
     Examples:
         >>> import torch
         >>> from tensordict import TensorDict
@@ -72,6 +78,7 @@ class ActivationCaching(HookingContextFactory):
     """
 
     _hooking_context_class = HookingContextWithCache
+    _thread_safe = True  # no per-call state on the instance
 
     def __init__(
         self,
@@ -93,6 +100,8 @@ class ActivationCaching(HookingContextFactory):
         self._cache = cache
         self._clear_cache = clear_cache
         self._callback = callback
+        if isinstance(directions, (str, HookDirection)):  # one direction, not its characters
+            directions = [directions]
         self._directions = [HookDirection.parse(d) for d in (directions or ["fwd"])]
         for d in self._directions:
             check_callback(callback, d, ("key", "direction"))
@@ -113,12 +122,14 @@ class ActivationCaching(HookingContextFactory):
         self._cache_key = None if cache_key is None else unravel_key(cache_key)
 
     @property
-    def key_pattern(self) -> str | Target | Sequence[Target]:
+    def key_pattern(self) -> str | Sequence[str] | Target | Sequence[Target]:
         return self._key_pattern
 
     @key_pattern.setter
-    def key_pattern(self, value: str | Target | Sequence[Target]) -> None:
+    def key_pattern(self, value: str | Sequence[str] | Target | Sequence[Target]) -> None:
         self._targets = target_list(value)
+        if self._targets is None:
+            compile_pattern(value)  # type: ignore[arg-type]  # patterns (str or list of str) checked here
         self._key_pattern = value
         if hasattr(self, "_directions"):
             self._check_targets()
@@ -168,6 +179,7 @@ class ActivationCaching(HookingContextFactory):
                     self._accumulate,
                     nested=True,
                     accumulate_dim=self._accumulate_dim,
+                    calls=hooked.calls,
                 )
                 specs.append(HookSpec(module, hook, direction))
         return specs

@@ -22,9 +22,17 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey, unravel_key
 
 from .._core.context import HookedModule, HookingContextFactory
-from .._core.hooks import HookDirection, HookSpec, _fit_replacement, check_callback, check_keywords
+from .._core.hooks import (
+    CallTracker,
+    HookDirection,
+    HookSpec,
+    _fit_replacement,
+    call_key,
+    check_callback,
+    check_keywords,
+)
 from .._core.keys import check_keys
-from ..errors import TdhookError
+from ..errors import MultipleCallError, TdhookError
 from ..targets import Target
 from ._targeted import CallbackByModule, PatchByKey, method_modules
 
@@ -124,38 +132,57 @@ class RunState:
 class RecordingHook:
     """Forward hook of one module: records (``RECORD``) or patches (``PATCH``) its output.
 
-    Built once per module, so ``module_key`` is the key of the module that fired.
+    Built once per module, so ``module_key`` is the key of the module that fired. With ``calls``
+    (the context's tracker), call ``k`` of the module within one forward is recorded under
+    ``call_key(module_key, k)`` and patched with the clean run's call ``k`` (``per_call``), or
+    refused with :class:`~tdhook.errors.MultipleCallError` (``per_call=False``). Recorded and
+    patched-in values are protected from later in-place operations of the model.
     """
 
     module_key: str
     state: RunState
     cache_callback: Callable[..., Any] | None = None
     patch_fn: Callable[..., Any] | None = None
+    calls: CallTracker | None = None
+    per_call: bool = False
 
     def __call__(self, module: Any, args: Any, output: Any) -> Any:
         phase = self.state.phase
+        if phase is Phase.IDLE:
+            return None
+        forward = self.calls.state() if self.calls is not None else None
+        n = forward.index(self) if forward is not None else 0
+        if n and not self.per_call:
+            raise MultipleCallError(
+                f"Module {self.module_key!r} ran {n + 1} times in one forward pass; this method needs one "
+                "activation per module and forward. Use a module that runs once."
+            )
+        key = call_key(self.module_key, n)
+        recorded = self.state.recorded
         if phase is Phase.RECORD:
             value = output
             if self.cache_callback is not None:
-                value = self.cache_callback(
-                    module=module, args=args, output=output, key=self.module_key, direction="fwd"
-                )
-            self.state.recorded[self.module_key] = value
+                value = self.cache_callback(module=module, args=args, output=output, key=key, direction="fwd")
+            recorded[key] = value
+            if forward is not None:
+                forward.hold(value, recorded, key, key)
             return None
-        if phase is Phase.PATCH:
-            if self.module_key not in self.state.recorded:
-                raise InterventionError(
-                    f"Module {self.module_key!r} ran in the patched run but not in the clean run, so there is "
-                    "no clean activation to patch in. Patch modules that run on both inputs."
-                )
-            clean = self.state.recorded[self.module_key]
-            new = clean
-            if self.patch_fn is not None:
-                new = self.patch_fn(module_key=self.module_key, output=output, output_to_patch=clean)
-                if new is None:
-                    new = clean
-            return fit_replacement(new, output, self.module_key, "The patched activation")
-        return None
+        if key not in recorded:
+            call = f" (call {n})" if n else ""
+            raise InterventionError(
+                f"Module {self.module_key!r}{call} ran in the patched run but not in the clean run, so there is "
+                "no clean activation to patch in. Patch modules that run on both inputs, as often."
+            )
+        clean = recorded[key]
+        new = clean
+        if self.patch_fn is not None:
+            new = self.patch_fn(module_key=self.module_key, output=output, output_to_patch=clean)
+            if new is None:
+                new = clean
+        result = fit_replacement(new, output, self.module_key, "The patched activation")
+        if forward is not None and result is clean:  # the model may modify it in place from now on
+            forward.hold(clean, recorded, key, key)
+        return result
 
 
 def recording_plan(
@@ -164,10 +191,20 @@ def recording_plan(
     state: RunState,
     cache_callback: Callable[..., Any] | None,
     patch_fn: Callable[..., Any] | None = None,
+    *,
+    per_call: bool = False,
 ) -> list[HookSpec]:
-    """One :class:`RecordingHook` per module (paths relative to the user's model)."""
+    """One :class:`RecordingHook` per module (paths relative to the user's model).
+
+    With ``per_call``, a module that runs several times per forward is recorded (and patched)
+    once per call; otherwise a second call raises :class:`~tdhook.errors.MultipleCallError`.
+    """
     return [
-        HookSpec(hooked.resolve(key), RecordingHook(key, state, cache_callback, patch_fn), HookDirection.FWD)
+        HookSpec(
+            hooked.resolve(key),
+            RecordingHook(key, state, cache_callback, patch_fn, hooked.calls, per_call),
+            HookDirection.FWD,
+        )
         for key in module_keys
     ]
 
@@ -193,6 +230,12 @@ class ActivationPatching(HookingContextFactory):
     The model sees the batch as given: ``()``, 1-D or N-D batches all work. The caller's
     TensorDict is returned with both outputs and no intermediate key. ``patch_fn`` receives the
     key of the module that fired.
+
+    A module that runs several times in one forward is patched call by call: its ``k``-th call
+    in the patched run receives the ``k``-th clean activation (recorded, with
+    ``clean_intermediate_keys=False``, under ``("_cache", f"{module_key}#{k}")`` for ``k > 0``).
+    Recorded activations are the modules' outputs as produced, even if the model later modifies
+    them in place (``nn.ReLU(inplace=True)``).
 
     Args:
         modules_to_patch: Module paths, relative to the model (``"layers[0].mlp"``), or
@@ -223,6 +266,7 @@ class ActivationPatching(HookingContextFactory):
     """
 
     _needs_tensordict = True
+    _thread_safe = True  # per-call state lives in the context (HookedModule.method_state)
 
     def __init__(
         self,
@@ -240,7 +284,6 @@ class ActivationPatching(HookingContextFactory):
         check_callback(cache_callback, HookDirection.FWD, ("key", "direction"))
         self._patch_fn = patch_fn
         self._cache_callback = cache_callback
-        self._state = RunState()
 
     @property
     def modules_to_patch(self) -> list[str]:
@@ -253,7 +296,8 @@ class ActivationPatching(HookingContextFactory):
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
         record = CallbackByModule.build(hooked.resolve, self._targets, self._cache_callback)
         patch = PatchByKey.build(self._targets, self._patch_fn)
-        return recording_plan(hooked, self._modules, self._state, record, patch)
+        state = hooked.method_state(self, RunState)  # per context: one instance serves several threads
+        return recording_plan(hooked, self._modules, state, record, patch, per_call=True)
 
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
@@ -264,7 +308,7 @@ class ActivationPatching(HookingContextFactory):
             [join_key(self._patch_key, k) for k in in_keys],
             what=f"patch source (the patched run reads its inputs under {self._patch_key!r})",
         )
-        state = self._state
+        state = hooked.method_state(self, RunState)
         patched_td = branch(td, self._patch_key, in_keys, [self._patch_key, *hooked.td_module.out_keys])
         try:
             state.phase = Phase.RECORD

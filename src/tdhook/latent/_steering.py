@@ -88,6 +88,8 @@ class SteeringHook:
 class SteeringVectors(HookingContextFactory):
     """Replace the output of each module in ``modules_to_steer`` by ``steer_fn(module_key, output)``.
 
+    Thread rule: a context steers only the forwards of the thread that entered it.
+
     Hook-only: every model call inside the context is steered, and the caller's TensorDict is
     returned. ``steer_fn`` receives the key of the module that fired; returning None keeps the
     output. Instead of ``steer_fn``, ``vectors={module_key: v}`` adds ``scale * v`` to each
@@ -120,6 +122,8 @@ class SteeringVectors(HookingContextFactory):
         >>> td["output"].shape
         torch.Size([5, 2])
     """
+
+    _thread_safe = True  # no per-call state on the instance
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._core.hooks import HookDirection
+from ._core.directions import HookDirection
 from ._session import HookSession
 from ._targets import Target, TargetKind
 from .errors import InvalidDirectionError, InvalidInputError, TargetError

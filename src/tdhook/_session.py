@@ -2,7 +2,7 @@
 
 ``with HookSession(model) as s:`` gives an eager, imperative counterpart of the methods: each
 ``s.capture(target)``, ``s.replace(target, value)`` or ``s.stop(path)`` registers hooks at once
-through the hook core (:func:`tdhook._core.hooks.register`, one :class:`HandleGroup`), every
+through the hook core (:func:`tdhook._core.directions.register`, one :class:`HandleGroup`), every
 call of the model inside the block fires them, and leaving the block removes every hook and
 restores every edited parameter, also when the body raised. The session holds the model weakly.
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._core.hooks import HandleGroup, HookDirection, register
+from ._core.directions import HandleGroup, HookDirection, register
 from ._targets import Target, TargetKind, map_leaf
 from .errors import ContextStateError, InvalidDirectionError, InvalidInputError, TargetError
 

@@ -33,35 +33,17 @@ Examples:
 
 from __future__ import annotations
 
-from ._core.context import (
-    CompositeHookingContextFactory,
-    HookedModule,
-    HookedModuleRun,
-    HookingContext,
-    HookingContextFactory,
-    HookingContextWithCache,
-    wrap_module,
-)
-from ._core.hooks import (
-    CacheProxy,
-    CachingHook,
-    EarlyStoppingException,
-    HandleGroup,
-    HookDirection,
-    HookSpec,
-    Installable,
-    MutableWeakRef,
-    ReadingHook,
-    SettingHook,
-    StoppingHook,
-    TensorDictRef,
-    check_callback,
-    check_keywords,
-    install,
-    register,
-)
+from ._core.boundary import wrap_module
+from ._core.cache import CacheProxy, MutableWeakRef, TensorDictRef
+from ._core.directions import HandleGroup, HookDirection, HookSpec, Installable, install, register
+from ._core.factory import CompositeHookingContextFactory, HookingContextFactory
+from ._core.hook_types import CachingHook, EarlyStoppingException, ReadingHook, SettingHook, StoppingHook
+from ._core.hooked import HookedModule
 from ._core.keys import DEFAULT_IN_KEY, DEFAULT_OUT_KEY, check_keys, normalize_keys
+from ._core.lifecycle import HookingContext, HookingContextWithCache
 from ._core.paths import PathStep, join_paths, parse_path, resolve_path, select_modules
+from ._core.run import HookedModuleRun
+from ._core.signatures import check_callback, check_keywords
 
 __all__ = [
     "DEFAULT_IN_KEY",

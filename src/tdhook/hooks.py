@@ -9,22 +9,11 @@ from typing import Any, Literal
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._core.hooks import (
-    CacheProxy,
-    CachingHook,
-    EarlyStoppingException,
-    HandleGroup,
-    HookDirection,
-    MutableWeakRef,
-    ReadingHook,
-    SettingHook,
-    StoppingHook,
-    TensorDictRef,
-    check_callback,
-    check_hook_signature,
-    register,
-)
+from ._core.cache import CacheProxy, MutableWeakRef, TensorDictRef
+from ._core.directions import HandleGroup, HookDirection, register
+from ._core.hook_types import CachingHook, EarlyStoppingException, ReadingHook, SettingHook, StoppingHook
 from ._core.paths import compile_pattern, join_paths, parse_path, resolve_path, select_modules
+from ._core.signatures import check_callback, check_hook_signature
 from .errors import TdhookWarning
 
 __all__ = [

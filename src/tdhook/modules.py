@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._core.context import HookedModule, HookedModuleRun
+from ._core.hooked import HookedModule
+from ._core.run import HookedModuleRun
 
 __all__ = ["HookedModule", "HookedModuleRun", "get_best_device"]
 

@@ -126,7 +126,7 @@ def test_non_module_is_refused() -> None:
 def test_enter_failure_rolls_back(net) -> None:
     class Broken(HookingContextFactory):
         def _plan(self, hooked):
-            from tdhook._core.hooks import HookSpec
+            from tdhook._core.directions import HookSpec
 
             return [
                 HookSpec(net.linear1, lambda *a: None),

@@ -295,8 +295,9 @@ def test_tensor_call_shortcut_keeps_hooks_on_the_wrapper(net) -> None:
 def test_callback_check_is_remembered_per_code_but_not_for_wrappers() -> None:
     import functools
 
-    from tdhook._core import hooks as core_hooks
-    from tdhook._core.hooks import HookDirection, check_callback
+    from tdhook._core import signatures as core_hooks
+    from tdhook._core.directions import HookDirection
+    from tdhook._core.signatures import check_callback
 
     def make():
         return lambda output, **_: output

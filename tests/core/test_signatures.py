@@ -1,4 +1,4 @@
-"""One signature rule for every user function tdhook calls by keyword (``_core/hooks.py``):
+"""One signature rule for every user function tdhook calls by keyword (``_core/signatures.py``):
 hook callbacks (``check_callback``), ``patch_fn``/``steer_fn`` (``check_keywords``) and the
 keywords an adapter declares (``declared_keywords``); and one table of hook-value parameters."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from tdhook._core.hooks import HookDirection, check_callback, check_keywords, declared_keywords
+from tdhook._core.directions import HookDirection
+from tdhook._core.signatures import check_callback, check_keywords, declared_keywords
 from tdhook.errors import HookSignatureError
 
 

@@ -16,7 +16,7 @@ Subclass :class:`GradientAttribution` once and override only what differs:
 * ``_plan(self, hooked) -> list[Installable]``: return ``[*super()._plan(hooked), *yours]``.
   ``super()._plan`` installs the engine's capture hooks (``input_modules``, ``target_modules``,
   ``output_grad_callbacks``). Add your reversible edits (rule patches, canonizers, backward hooks)
-  as :class:`~tdhook._core.hooks.HookSpec` values or objects with ``install() -> handle``; the core
+  as :class:`~tdhook._core.directions.HookSpec` values or objects with ``install() -> handle``; the core
   installs them in order and undoes them in reverse at exit, also after an exception.
 * ``_grad_attr(self, grads, inputs) -> dict``: turn gradients into attributions. ``grads`` and
   ``inputs`` map each attribution sub-key (an in_key, or an ``input_modules`` key) to a tensor of
@@ -56,9 +56,13 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
-from .._core.context import HookedModule, HookingContext, HookingContextFactory
-from .._core.hooks import HookDirection, HookSpec, Installable, SettingHook, check_callback
+from .._core.directions import HookDirection, HookSpec, Installable
+from .._core.factory import HookingContextFactory
+from .._core.hook_types import SettingHook
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.lifecycle import HookingContext
+from .._core.signatures import check_callback
 from ._errors import KEYS, AttributionError, IntegerInputError, TargetError
 
 __all__ = [

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._core.context import HookedModule
-from .._core.hooks import HookSpec, Installable
+from .._core.directions import HookSpec, Installable
+from .._core.hooked import HookedModule
 from ._gradient import GradientAttribution, gradient_times_input
 
 __all__ = ["GuidedBackpropagation"]

@@ -17,7 +17,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
-from .._core.context import HookedModule
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
 from ._errors import KEYS, AttributionError, BaselineError
 from ._gradient import GradientAttribution, _Job, _key_str, check_finite, gradient_times_input

@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
-from .._core.context import HookedModule
+from .._core.hooked import HookedModule
 from ._errors import KEYS, AttributionError
 from ._gradient import AttrCallback, GradientAttribution, _key_str, module_names
 

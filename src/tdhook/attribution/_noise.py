@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from .._core.context import HookedModule, HookingContext, HookingContextFactory
-from .._core.hooks import Installable
+from .._core.directions import Installable
+from .._core.factory import HookingContextFactory
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.lifecycle import HookingContext
 from ._errors import AttributionError
 from ._gradient import GradientAttribution, Saliency, check_finite, check_per_sample_targets
 

@@ -16,7 +16,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
-from .._core.context import HookedModule, HookingContextFactory
+from .._core.factory import HookingContextFactory
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
 from ._errors import KEYS, AttributionError, BaselineError, TargetError
 from ._gradient import (

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tensordict.utils import NestedKey
 
-from .._core.context import HookedModule
+from .._core.hooked import HookedModule
 from ._errors import KEYS, AttributionError, BaselineError
 from ._gradient import _Job, _key_str, check_finite
 from ._integrated import GradientAttributionWithBaseline

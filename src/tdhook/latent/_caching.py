@@ -9,9 +9,13 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey, unravel_key
 from torch import nn
 
-from .._core.context import HookedModule, HookingContext, HookingContextFactory, HookingContextWithCache
-from .._core.hooks import CachingHook, HookDirection, HookSpec, check_callback
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.hook_types import CachingHook
+from .._core.hooked import HookedModule
+from .._core.lifecycle import HookingContext, HookingContextWithCache
 from .._core.paths import compile_pattern, select_modules
+from .._core.signatures import check_callback
 from ..errors import InvalidInputError
 from ..targets import Target
 from ._targeted import TargetCallback, check_cache_key, publish_cache, target_list
@@ -54,7 +58,7 @@ class ActivationCaching(HookingContextFactory):
             ``ValueError`` at enter; entries must start with the call's batch dimensions, and
             ``accumulate=True`` is refused.
 
-    Structured values (one rule, :func:`~tdhook._core.hooks.nested_storable`): a tensor or a
+    Structured values (one rule, :func:`~tdhook._core.hook_types.nested_storable`): a tensor or a
     TensorDict is stored as it is; a tuple or list becomes nested entries ``"0"``, ``"1"``...,
     a mapping (a Hugging Face ``ModelOutput``) nested entries by key, recursively; ``None`` and
     other non-tensor values (key-value cache objects) are left out, and a value with no tensor

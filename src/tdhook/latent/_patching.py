@@ -21,17 +21,13 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey, unravel_key
 
-from .._core.context import HookedModule, HookingContextFactory
-from .._core.hooks import (
-    CallTracker,
-    HookDirection,
-    HookSpec,
-    _fit_replacement,
-    call_key,
-    check_callback,
-    check_keywords,
-)
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.forward_state import CallTracker, call_key
+from .._core.hook_types import _fit_replacement
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.signatures import check_callback, check_keywords
 from ..errors import MultipleCallError, TdhookError
 from ..targets import Target
 from ._targeted import CallbackByModule, PatchByKey, method_modules

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from .._core.context import HookedModule, HookingContextFactory
-from .._core.hooks import HookDirection, HookSpec, check_callback, check_keywords
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.signatures import check_callback, check_keywords
 from ..targets import Target
 from ._patching import (
     InterventionError,

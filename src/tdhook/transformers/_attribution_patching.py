@@ -23,8 +23,9 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import unravel_key
 
-from .._core.context import HookedModule, HookingContextFactory
-from .._core.hooks import HookDirection, HookSpec
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
 from ..errors import InvalidInputError
 from ..latent.activation_patching import InterventionError, InterventionShapeError

@@ -17,9 +17,12 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import unravel_key
 
-from .._core.context import HookedModule, HookingContextFactory, HookingContextWithCache
-from .._core.hooks import CachingHook, HookDirection, HookSpec
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.hook_types import CachingHook
+from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.lifecycle import HookingContextWithCache
 from ..errors import InvalidInputError
 from ..latent.activation_patching import InterventionError, InterventionShapeError
 from ._spec import TransformerSpec, normalize_heads

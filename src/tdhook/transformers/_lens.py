@@ -10,8 +10,10 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
-from .._core.context import HookedModule, HookingContextFactory, HookingContextWithCache
-from .._core.hooks import HookDirection, HookSpec
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.hooked import HookedModule
+from .._core.lifecycle import HookingContextWithCache
 from ..errors import InvalidInputError
 from ._spec import TransformerSpec
 

@@ -15,18 +15,14 @@ from typing import Any
 from tensordict import TensorDictBase
 from torch import nn
 
-from .._core.context import ROOT_NAME, HookedModule, HookingContextFactory, HookingContextWithCache
-from .._core.hooks import (
-    CacheProxy,
-    CachingHook,
-    HookDirection,
-    HookSpec,
-    SettingHook,
-    TensorDictRef,
-    check_callback,
-    declared_keywords,
-)
+from .._core.cache import CacheProxy, TensorDictRef
+from .._core.directions import HookDirection, HookSpec
+from .._core.factory import HookingContextFactory
+from .._core.hook_types import CachingHook, SettingHook
+from .._core.hooked import ROOT_NAME, HookedModule
+from .._core.lifecycle import HookingContextWithCache
 from .._core.paths import resolve_path
+from .._core.signatures import check_callback, declared_keywords
 from ..errors import ContextStateError, InvalidInputError, MissingKeyError, TdhookError, nearest
 
 __all__ = ["AdapterError", "Adapters", "HookedModuleWithAdapters"]

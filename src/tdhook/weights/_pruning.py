@@ -20,8 +20,10 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from .._core.context import HookedModule, HookingContext, HookingContextFactory
-from .._core.hooks import Installable
+from .._core.directions import Installable
+from .._core.factory import HookingContextFactory
+from .._core.hooked import HookedModule
+from .._core.lifecycle import HookingContext
 from .._core.paths import resolve_path
 from ..errors import TdhookError
 from ._edits import WeightMask

@@ -23,8 +23,10 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .._core.context import ROOT_NAME, HookedModule, HookingContext, HookingContextFactory
-from .._core.hooks import Installable
+from .._core.directions import Installable
+from .._core.factory import HookingContextFactory
+from .._core.hooked import ROOT_NAME, HookedModule
+from .._core.lifecycle import HookingContext
 from ..errors import ContextStateError, InvalidInputError, TdhookError
 from ._edits import ParameterSnapshot, WeightSwap, named_tensors
 

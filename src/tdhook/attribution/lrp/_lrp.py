@@ -27,8 +27,8 @@ from tensordict.nn import TensorDictModule
 from tensordict.utils import NestedKey
 from torch import nn
 
-from ..._core.context import HookedModule
-from ..._core.hooks import Installable
+from ..._core.directions import Installable
+from ..._core.hooked import HookedModule
 from ...errors import TdhookWarning
 from .._errors import KEYS, AttributionError
 from .._gradient import AttrCallback, GradientAttribution

@@ -12,9 +12,12 @@ from tensordict import NonTensorData, NonTensorStack, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
-from ..._core.context import HookedModule, HookingContext, HookingContextFactory
-from ..._core.hooks import HookDirection, HookSpec, _default_value
+from ..._core.directions import HookDirection, HookSpec
+from ..._core.factory import HookingContextFactory
+from ..._core.hook_types import _default_value
+from ..._core.hooked import HookedModule
 from ..._core.keys import check_keys
+from ..._core.lifecycle import HookingContext
 from ..._core.paths import select_modules
 from ...errors import TdhookError, TdhookWarning
 

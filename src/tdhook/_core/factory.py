@@ -1,0 +1,191 @@
+"""Method factories: configure in ``__init__``, bind with ``prepare()``; and their composition."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from tensordict import TensorDictBase
+from torch import nn
+
+from ..errors import (
+    InvalidInputError,
+)
+from .boundary import wrap_module
+from .directions import HandleGroup, Installable
+from .hooked import HookedModule
+from .lifecycle import HookingContext, HookingContextWithCache
+from .run import _Deferred
+
+__all__ = ["CompositeHookingContextFactory", "HookingContextFactory"]
+
+
+class HookingContextFactory:
+    """Base class of every method: configure in ``__init__``, bind with :meth:`prepare`.
+
+    Subclasses override :meth:`_plan` (what to hook or edit) and, for methods that run the model
+    in a particular way (several passes, gradients...), :meth:`_call`.
+    """
+
+    _hooking_context_class: type[HookingContext] = HookingContext
+    _hooked_module_class: type[HookedModule] = HookedModule
+    #: True for methods whose ``_call`` needs a TensorDict (tensor calls are refused).
+    _needs_tensordict = False
+    #: True for methods that keep no per-call state on the instance, so that one instance may be
+    #: active in contexts of several threads at once; others refuse a second thread.
+    _thread_safe = False
+
+    def prepare(
+        self,
+        module: nn.Module,
+        in_keys: Sequence[Any] | dict[str, Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        *,
+        return_context: bool = True,
+    ) -> Any:
+        """Bind this method to ``module``.
+
+        Args:
+            module: A plain ``nn.Module`` (read from ``"input"``, written to ``"output"`` unless
+                ``in_keys``/``out_keys`` say otherwise) or a ``TensorDictModuleBase`` (its keys;
+                ``in_keys``/``out_keys`` may select a subset).
+            in_keys: Input keys (or a ``{kwarg: key}`` dict for a plain module).
+            out_keys: Output keys.
+            return_context: When False, enter immediately and return the hooked module; call
+                ``hooked.restore()`` to undo.
+
+        Returns:
+            A lazy :class:`HookingContext`, or the :class:`HookedModule` when
+            ``return_context=False``.
+        """
+        td_module, extra, ins, outs = wrap_module(module, in_keys, out_keys)
+        context = self._hooking_context_class(self, td_module, extra, ins, outs)
+        if return_context:
+            return context
+        hooked = context.__enter__()
+        context._managed = False
+        return hooked
+
+    # -- extension points ------------------------------------------------------------------------
+    def _plan(self, hooked: HookedModule) -> Iterable[Installable]:
+        """Return what to install on the model (hooks, reversible edits). Called once per enter."""
+        if type(self)._hook_module is not HookingContextFactory._hook_module:
+            return [_Deferred(functools.partial(self._hook_module, hooked))]
+        return ()
+
+    def _hook_module(self, hooked: HookedModule) -> Any:
+        """Legacy extension point (tdhook 0.1): register hooks and return a removable handle."""
+        return HandleGroup()
+
+    def _call(
+        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
+    ) -> Any:
+        """Run one call. The default runs the model once on ``td``."""
+        return call_next(td, **kwargs)
+
+    def _enter(self, context: HookingContext) -> None:
+        """Per-enter state set-up (before the plan is built)."""
+
+    def _exit(self, context: HookingContext) -> None:
+        """Per-exit state tear-down (after the plan is undone)."""
+
+
+class _CompositeContext(HookingContextWithCache):
+    """The context of a :class:`CompositeHookingContextFactory`: every component, one cache."""
+
+    def _factories(self) -> list[HookingContextFactory]:
+        return list(self.factory.factories)  # type: ignore[attr-defined]
+
+
+def _flatten_factories(factories: Iterable[Any]) -> list[HookingContextFactory]:
+    flat: list[HookingContextFactory] = []
+    for f in factories:
+        if isinstance(f, CompositeHookingContextFactory):
+            flat.extend(f.factories)
+        elif isinstance(f, HookingContextFactory):
+            flat.append(f)
+        else:
+            raise InvalidInputError(
+                f"CompositeHookingContextFactory takes method instances, got {type(f).__name__}. "
+                "Pass configured methods, e.g. CompositeHookingContextFactory(SteeringVectors(...), ActivationCaching(...))."
+            )
+    return flat
+
+
+def _most_derived_module_class(factories: Sequence[HookingContextFactory]) -> type[HookedModule]:
+    """The one hooked-module class that is a subclass of every component's class."""
+    chosen: type[HookedModule] = HookedModule
+    for f in factories:
+        cls = f._hooked_module_class
+        if issubclass(cls, chosen):
+            chosen = cls
+        elif not issubclass(chosen, cls):
+            names = sorted({type(g).__name__ + " -> " + g._hooked_module_class.__name__ for g in factories})
+            raise ValueError(
+                f"Cannot compose methods that need unrelated hooked-module classes ({', '.join(names)}). "
+                "Use them in nested `with` blocks instead, or subclass one hooked-module class from the other."
+            )
+    return chosen
+
+
+class CompositeHookingContextFactory(HookingContextFactory):
+    """Several methods in one context: hook-only and pipeline methods, in one forward pass.
+
+    Order, deterministic and documented:
+
+    1. **Calls.** Every component's ``_call`` wraps the next one's: the *first* factory is the
+       outermost, the last one's ``call_next`` runs the model. A pipeline method that runs the
+       model several times (patching: clean then patched run; ActivationAddition: positive then
+       negative run) runs everything after it in the list that many times.
+    2. **Hooks.** Plans are built and installed in the given order, so hooks on the same module
+       fire in that order, each seeing the value left by the previous ones (a cache listed after
+       a steering method on the same module stores the steered output). Reversible edits
+       (pruning, task vectors) are undone in reverse order at exit, also after an exception.
+    3. **Runs.** The hooks of every component fire in every model run, including the extra
+       runs of a pipeline method: steering applies to the clean and the patched runs, and a
+       cache holds the values of the last run (the patched one).
+
+    The context has a ``.cache`` shared with caching components. Nested composites are
+    flattened. The hooked module is the most derived class the components need (e.g.
+    ``HookedModuleWithAdapters`` when ``Adapters`` is one of them).
+
+    Args:
+        *factories: The methods to compose (configured instances).
+
+    Raises:
+        ValueError: With no factory, or with components needing unrelated hooked-module classes.
+        InvalidInputError: If an argument is not a method instance.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tdhook.latent import ActivationCaching, ActivationPatching, SteeringVectors
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> composite = CompositeHookingContextFactory(
+        ...     SteeringVectors(["0"], vectors={"0": torch.ones(4)}), ActivationPatching(["1"]), ActivationCaching("2")
+        ... )
+        >>> td = TensorDict({"input": torch.randn(2, 3), ("patched", "input"): torch.randn(2, 3)}, batch_size=[2])
+        >>> with composite.prepare(model) as hooked:
+        ...     td = hooked(td)
+        >>> sorted(hooked.hooking_context.cache.keys())
+        ['2']
+    """
+
+    _hooking_context_class = _CompositeContext
+
+    def __init__(self, *factories: HookingContextFactory) -> None:
+        if not factories:
+            raise ValueError(
+                "CompositeHookingContextFactory needs at least one factory, e.g. "
+                "CompositeHookingContextFactory(SteeringVectors(...), ActivationCaching(...))."
+            )
+        flat = _flatten_factories(factories)
+        self._factories = tuple(flat)
+        self._needs_tensordict = any(f._needs_tensordict for f in flat)
+        self._hooked_module_class = _most_derived_module_class(flat)
+
+    @property
+    def factories(self) -> tuple[HookingContextFactory, ...]:
+        """The components, in call and installation order (nested composites flattened)."""
+        return self._factories

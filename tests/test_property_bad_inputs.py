@@ -179,7 +179,6 @@ _RAW_STRING_ERROR = (
     "patching",
     "patching-keep-intermediates",
     "steering",
-    "activation-addition",
     "composite-steer-patch-cache",
     "lrp-epsilon-plus",
     "lrp-no-rules",
@@ -198,17 +197,8 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         for name in _RAW_DTYPE_ERROR
     },
     **{(name, "string"): "a string input gives a raw TypeError" for name in _RAW_STRING_ERROR},
-    (
-        "activation-addition",
-        "string",
-    ): "a string input is reported as a missing key, without naming the string",
     ("integrated-gradients", "empty"): "an empty batch gives a raw RuntimeError (cannot reshape 0 elements)",
-    ("activation-addition", "empty"): "an empty batch gives a NaN steering vector and no error",
     ("grad-cam", "nonfinite"): "NaN/Inf input gives NaN attributions and no error",
-    ("probing", "nonfinite"): "scikit-learn's raw ValueError (Input X contains NaN) leaves the probe",
-    ("probing", "empty"): "scikit-learn's raw ValueError (0 samples) leaves the probe",
-    ("composite-caching-probing", "nonfinite"): "scikit-learn's raw ValueError (Input X contains NaN)",
-    ("composite-caching-probing", "empty"): "scikit-learn's raw ValueError (0 samples)",
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from .errors import InvalidInputError
+
 __all__ = ["UnraveledKey"]
 
 
@@ -31,6 +33,7 @@ class UnraveledKey(metaclass=_UnraveledKeyMeta):
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError(
-            "UnraveledKey is a type for isinstance checks, not a constructor; use a str or a tuple of str."
+        raise InvalidInputError(
+            f"UnraveledKey is a type for isinstance checks, not a constructor (called with {args!r:.60}); use a "
+            "str or a tuple of str as the key itself."
         )

@@ -16,20 +16,30 @@ __all__ = [
     "ConcurrencyError",
     "ContextStateError",
     "DeadReferenceError",
+    "DistributedNotInitializedError",
     "DtypeMismatchError",
     "HookSignatureError",
     "InPlaceModificationError",
+    "IncompatibleInputsError",
+    "InsufficientSamplesError",
+    "InterventionError",
+    "InterventionShapeError",
     "InvalidDirectionError",
     "InvalidInputError",
+    "InvalidParameterError",
     "MissingKeyError",
     "ModulePathError",
     "MultipleCallError",
     "NoMatchError",
+    "NonFiniteInputError",
     "NotFittedError",
     "ProbingError",
+    "StoreCorruptError",
+    "StoreLockedError",
     "TargetError",
     "TdhookError",
     "TdhookWarning",
+    "UnknownKernelError",
     "nearest",
 ]
 
@@ -110,6 +120,58 @@ class TargetError(TdhookError, ValueError):
 
 class NotFittedError(TdhookError, ValueError, AttributeError):
     """An estimator was used before it was fitted."""
+
+
+class InterventionError(TdhookError, RuntimeError):
+    """An intervention hook could not run (a module did not fire, a callback failed...)."""
+
+
+class InterventionShapeError(TdhookError, ValueError, RuntimeError):
+    """A replacement (patched activation, steered output) does not fit the activation's shape.
+
+    Subclasses ``RuntimeError`` too, the error torch raises for a broadcasting failure.
+    """
+
+
+# -- representation analysis (dimension, similarity, streaming statistics, probes) ---------------
+
+
+class InsufficientSamplesError(TdhookError, ValueError):
+    """A dataset or batch has fewer (valid) samples than an estimator or probe needs."""
+
+
+class NonFiniteInputError(TdhookError, ValueError):
+    """An input tensor contains NaN or infinite values."""
+
+
+class IncompatibleInputsError(TdhookError, ValueError):
+    """Input tensors have the wrong rank, or disagree in batch shape, sample count, width or device."""
+
+
+class InvalidParameterError(TdhookError, ValueError):
+    """A constructor or call argument has a value outside its valid range or vocabulary."""
+
+
+class UnknownKernelError(TdhookError, NotImplementedError, ValueError):
+    """A kernel name is not one of the implemented kernels.
+
+    Subclasses ``NotImplementedError`` (what tdhook 0.1 raised) and ``ValueError``.
+    """
+
+
+class DistributedNotInitializedError(TdhookError, RuntimeError):
+    """``all_reduce`` was called without an initialised ``torch.distributed`` process group."""
+
+
+# -- ActivationStore -----------------------------------------------------------------------------
+
+
+class StoreCorruptError(TdhookError, ValueError):
+    """A store folder's metadata or data files are not what the store wrote (truncated, edited...)."""
+
+
+class StoreLockedError(TdhookError, RuntimeError):
+    """Another writer (thread or process) has the store folder open."""
 
 
 def nearest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .errors import IncompatibleInputsError
+
 __all__ = ["attribution_bars", "attribution_grid", "attribution_heatmap"]
 
 
@@ -29,8 +31,9 @@ def _map2d(attr: torch.Tensor, channel_reduce: str) -> torch.Tensor:
     if a.dim() == 3:  # [C, H, W]
         a = a.sum(0) if channel_reduce == "sum" else a.abs().sum(0)
     if a.dim() != 2:
-        raise ValueError(
-            f"attribution_heatmap expects a [H, W] or [C, H, W] map, got shape {tuple(a.shape)}."
+        raise IncompatibleInputsError(
+            f"attribution_heatmap expects a [H, W] or [C, H, W] map, got shape {tuple(a.shape)}. Plot one "
+            "sample at a time, e.g. attribution_heatmap(attr[0])."
         )
     return a
 
@@ -60,7 +63,7 @@ def attribution_heatmap(
         The matplotlib ``AxesImage`` of the heatmap.
 
     Raises:
-        ValueError: For a map that is not 2-D or 3-D.
+        IncompatibleInputsError: For a map that is not 2-D or 3-D (a ``ValueError``).
         ImportError: Without matplotlib.
     """
     plt = _plt()
@@ -104,10 +107,15 @@ def attribution_bars(
     if a.dim() == 2:
         a = a.sum(-1)
     if a.dim() != 1:
-        raise ValueError(f"attribution_bars expects [F] or [T, D] attributions, got shape {tuple(a.shape)}.")
+        raise IncompatibleInputsError(
+            f"attribution_bars expects [F] or [T, D] attributions, got shape {tuple(a.shape)}. Plot one sample at "
+            "a time, e.g. attribution_bars(attr[0])."
+        )
     names = list(labels) if labels is not None else [str(i) for i in range(a.numel())]
     if len(names) != a.numel():
-        raise ValueError(f"{len(names)} labels for {a.numel()} attributions; pass one label per feature.")
+        raise IncompatibleInputsError(
+            f"{len(names)} labels for {a.numel()} attributions; pass one label per feature (or labels=None)."
+        )
     order = torch.arange(a.numel())
     if top_k is not None:
         order = a.abs().argsort(descending=True)[:top_k]

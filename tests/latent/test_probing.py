@@ -23,6 +23,7 @@ from tdhook.latent.probing import (
     ProbesNeverFiredWarning,
     Probing,
 )
+from tdhook.latent.stats import StreamingLinearRegression
 
 
 def r2(preds, labels):
@@ -294,23 +295,28 @@ class _NanAfter(nn.Module):
 
 
 def test_non_finite_activations_name_the_layer(data) -> None:
-    """A NaN layer: tdhook's estimators name the module in the message, scikit-learn's get a note."""
-    from tdhook.latent.stats import NonFiniteInputError, StreamingLinearRegression
+    """A NaN layer is refused before any estimator sees it, naming the module; opting out lets
+    the estimator decide (scikit-learn's own error then gets a note naming the probe)."""
+    from tdhook.errors import NonFiniteInputError
 
     model = nn.Sequential(nn.Linear(4, 8), _NanAfter(), nn.Linear(8, 1))
-    manager = ProbeManager(StreamingLinearRegression, {}, r2)
     batch = data.clone()
-    batch["step_type"] = "partial_fit"
-    with (
-        pytest.raises(NonFiniteInputError, match=r"probe on module '1' \(fwd\): X contains 512 non-finite"),
-        Probing(r"1$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
-            model
-        ) as hooked,
-    ):
-        hooked(batch)
-    assert not model[1]._forward_hooks
-    manager = ProbeManager(LinearRegression, {}, r2)
-    batch["step_type"] = "fit"
+    for estimator, step in ((StreamingLinearRegression, "partial_fit"), (LinearRegression, "fit")):
+        manager = ProbeManager(estimator, {}, r2)
+        batch["step_type"] = step
+        with (
+            pytest.raises(
+                NonFiniteInputError, match=r"probe on module '1' \(fwd\): X contains 512 non-finite"
+            ),
+            Probing(r"1$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
+                model
+            ) as hooked,
+        ):
+            hooked(batch)
+        assert isinstance(manager.estimators["1_fwd"], estimator)
+        assert not hasattr(manager.estimators["1_fwd"], "coef_")  # never fitted
+        assert not model[1]._forward_hooks
+    manager = ProbeManager(LinearRegression, {}, r2, check_finite=False)
     with (
         pytest.raises(ValueError, match="NaN") as info,
         Probing(r"1$", manager.probe_factory, additional_keys=["labels", "step_type"]).prepare(
@@ -318,7 +324,61 @@ def test_non_finite_activations_name_the_layer(data) -> None:
         ) as hooked,
     ):
         hooked(batch)
+    assert not isinstance(info.value, NonFiniteInputError)  # scikit-learn's own check
     assert "raised by the probe on module '1' (fwd)" in info.value.__notes__
+
+
+def test_empty_batches_and_non_finite_labels_are_refused_before_the_estimator(model, data) -> None:
+    from tdhook.errors import InsufficientSamplesError, NonFiniteInputError
+
+    manager = ProbeManager(LinearRegression, {}, r2, allow_overwrite=True)
+    probing = Probing(r"2$", manager.probe_factory, additional_keys=["labels", "step_type"])
+    empty = data[:0].clone()
+    for step in ("fit", "predict"):
+        empty["step_type"] = step
+        with (
+            pytest.raises(InsufficientSamplesError, match=r"probe on module '2' \(fwd\): .* has 0 samples"),
+            probing.prepare(model) as hooked,
+        ):
+            hooked(empty)
+    bad = data.clone()
+    bad["labels"][3] = float("inf")
+    bad["step_type"] = "fit"
+    with (
+        pytest.raises(NonFiniteInputError, match=r"module '2'.*labels contains 1 non-finite"),
+        probing.prepare(model) as hooked,
+    ):
+        hooked(bad)
+    bad["step_type"] = "predict"  # labels are only checked when they are fitted on
+    fit = data.clone()
+    fit["step_type"] = "fit"
+    with probing.prepare(model) as hooked:
+        hooked(fit)
+    manager.reset_metrics()
+    reuse = ProbeManager(LinearRegression, {}, lambda p, y: {"n": len(p)}, reuse_probes=True)
+    probing = Probing(r"2$", reuse.probe_factory, additional_keys=["labels", "step_type"])
+    with probing.prepare(model) as hooked:
+        hooked(fit)
+        hooked(bad)  # predicting with NaN labels is the metric's business
+    assert reuse.predict_metrics["2_fwd"] == {"n": 64}
+
+
+def test_bilinear_probes_refuse_empty_and_non_finite_pairs(model, data) -> None:
+    from tdhook.errors import InsufficientSamplesError, NonFiniteInputError
+
+    manager = BilinearProbeManager([("0", "2")], BilinearEstimator, {"d_latent1": 16, "d_latent2": 8}, r2)
+    probing = Probing(manager.key_pattern, manager.probe_factory, additional_keys=["labels", "step_type"])
+    empty = data[:0].clone()
+    empty["step_type"] = "fit"
+    with pytest.raises(InsufficientSamplesError, match="h1 has 0 samples"), probing.prepare(model) as hooked:
+        hooked(empty)
+    nan_model = nn.Sequential(nn.Linear(4, 16), _NanAfter(), nn.Linear(16, 8))
+    manager = BilinearProbeManager([("0", "1")], BilinearEstimator, {"d_latent1": 16, "d_latent2": 16}, r2)
+    probing = Probing(manager.key_pattern, manager.probe_factory, additional_keys=["labels", "step_type"])
+    batch = data.clone()
+    batch["step_type"] = "fit"
+    with pytest.raises(NonFiniteInputError, match="h2 contains"), probing.prepare(nan_model) as hooked:
+        hooked(batch)
 
 
 def test_backward_probes_that_never_fire_warn_at_exit_and_fire_with_a_backward(model, data) -> None:

@@ -7,7 +7,13 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from tdhook.errors import HookSignatureError, MissingKeyError, ModulePathError
+from tdhook.errors import (
+    HookSignatureError,
+    InsufficientSamplesError,
+    InvalidInputError,
+    MissingKeyError,
+    ModulePathError,
+)
 from tdhook.latent import ActivationAddition, SteeringVectors
 from tdhook.latent.steering_vectors import ActivationAddition as CompatAddition
 from tdhook.latent.steering_vectors import InterventionShapeError
@@ -203,6 +209,30 @@ def test_activation_addition_errors(model) -> None:
         pytest.raises(InterventionShapeError, match="same"),
     ):
         hooked(td)
+
+
+def test_activation_addition_refuses_an_empty_batch_and_a_non_tensor_branch(model) -> None:
+    td = TensorDict(
+        {("positive", "input"): torch.randn(0, 4), ("negative", "input"): torch.randn(0, 4)}, batch_size=[0]
+    )
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    with (
+        ActivationAddition(["0"]).prepare(model) as hooked,
+        pytest.raises(InsufficientSamplesError, match=r"empty batch \(batch size \(0,\), 0 samples\)"),
+    ):
+        hooked(td)
+    td = TensorDict({("negative", "input"): torch.randn(3, 4)}, batch_size=[3])
+    td.set_non_tensor("positive", "fc1")
+    with (
+        ActivationAddition(["0"]).prepare(model) as hooked,
+        pytest.raises(
+            InvalidInputError,
+            match=r"positive inputs under 'positive'.* str \('fc1'\).*\('positive', 'input'\)",
+        ),
+    ):
+        hooked(td)
+    assert not calls  # refused before the model ran
 
 
 def test_compat_import_paths() -> None:

@@ -16,7 +16,7 @@ from .._core.hooked import HookedModule
 from .._core.lifecycle import HookingContext, HookingContextWithCache
 from .._core.paths import compile_pattern, select_modules
 from .._core.signatures import check_callback
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, InvalidParameterError
 from ..targets import Target
 from ._targeted import TargetCallback, check_cache_key, publish_cache, target_list
 
@@ -55,8 +55,8 @@ class ActivationCaching(HookingContextFactory):
             returns, under this key (e.g. ``"cache"``: ``("cache", "linear1")`` sits next to
             ``"output"``). ``None`` (the default) keeps tdhook 0.1's behaviour: the cache lives
             in the context only. A key overlapping a model input or output key raises
-            ``ValueError`` at enter; entries must start with the call's batch dimensions, and
-            ``accumulate=True`` is refused.
+            :class:`~tdhook.errors.InvalidParameterError` (a ``ValueError``) at enter; entries
+            must start with the call's batch dimensions, and ``accumulate=True`` is refused.
 
     Structured values (one rule, :func:`~tdhook._core.hook_types.nested_storable`): a tensor or a
     TensorDict is stored as it is; a tuple or list becomes nested entries ``"0"``, ``"1"``...,
@@ -119,8 +119,8 @@ class ActivationCaching(HookingContextFactory):
         self._accumulate_dim = accumulate_dim
         self._check_targets()
         if cache_key is not None and accumulate:
-            raise ValueError(
-                "cache_key publishes the cache into each returned TensorDict, which needs entries of the call's "
+            raise InvalidParameterError(
+                f"cache_key={cache_key!r} publishes the cache into each returned TensorDict, which needs entries of the call's "
                 "batch; with accumulate=True they grow across calls. Read context.cache instead (cache_key=None)."
             )
         self._cache_key = None if cache_key is None else unravel_key(cache_key)
@@ -143,11 +143,12 @@ class ActivationCaching(HookingContextFactory):
         if self._targets is None:
             return
         if not self._relative:
-            raise ValueError(
-                "Caching Targets needs relative=True: a Target's module_path is relative to the model."
+            raise InvalidParameterError(
+                "Caching Targets needs relative=True (got relative=False): a Target's module_path is relative to "
+                "the model. Drop relative=False, or give absolute module patterns (str) instead of Targets."
             )
         if self._directions != [HookDirection.FWD]:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"Caching Targets is forward-only (directions=['fwd']), got {[d.value for d in self._directions]}. "
                 "Use tdhook.session.HookSession for inputs and gradients."
             )
@@ -162,7 +163,10 @@ class ActivationCaching(HookingContextFactory):
     def _context_cache(context: HookingContext | None) -> TensorDictBase:
         if isinstance(context, HookingContextWithCache):
             return context.cache
-        raise TypeError("ActivationCaching needs a context with a cache: use it through prepare().")
+        raise InvalidInputError(
+            f"ActivationCaching needs a context with a cache, got {type(context).__name__}: use it through "
+            "prepare(model), or pass cache=TensorDict() to ActivationCaching."
+        )
 
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
         context = hooked.hooking_context

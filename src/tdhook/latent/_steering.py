@@ -13,16 +13,22 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import is_non_tensor
 
 from .._core.directions import HookDirection, HookSpec
 from .._core.factory import HookingContextFactory
 from .._core.hooked import HookedModule
 from .._core.keys import check_keys
 from .._core.signatures import check_callback, check_keywords
-from ..targets import Target
-from ._patching import (
+from ..errors import (
+    InsufficientSamplesError,
     InterventionError,
     InterventionShapeError,
+    InvalidInputError,
+    InvalidParameterError,
+)
+from ..targets import Target
+from ._recording import (
     Phase,
     RunState,
     branch,
@@ -110,8 +116,9 @@ class SteeringVectors(HookingContextFactory):
         scale: Multiplier of ``vectors``.
 
     Raises:
-        ValueError: If neither or both of ``steer_fn`` and ``vectors`` are given, or a module has
-            no vector.
+        InvalidParameterError: If neither or both of ``steer_fn`` and ``vectors`` are given, or a
+            module has no vector (a ``ValueError``).
+        InvalidInputError: If a vector is not a tensor (a ``TypeError``).
         HookSignatureError: If ``steer_fn`` cannot receive ``module_key`` and ``output``.
 
     Examples:
@@ -138,7 +145,7 @@ class SteeringVectors(HookingContextFactory):
         keys, self._targets = method_modules(modules_to_steer, "SteeringVectors")
         self._modules = normalize_module_keys(keys, "modules_to_steer")
         if (steer_fn is None) == (vectors is None):
-            raise ValueError(
+            raise InvalidParameterError(
                 "SteeringVectors needs exactly one of steer_fn and vectors, got "
                 f"{'both' if steer_fn is not None else 'neither'}. Pass steer_fn=lambda module_key, output: "
                 "output + v, or vectors={module_key: v}."
@@ -156,15 +163,16 @@ class SteeringVectors(HookingContextFactory):
         available = [k for k in vectors.keys() if isinstance(k, str)]  # noqa: SIM118 - TensorDict too
         missing = [m for m in self._modules if m not in available]
         if missing:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"No steering vector for module(s) {missing}; vectors has keys {available}. "
                 "Give one vector per module in modules_to_steer."
             )
         table = {m: vectors[m] for m in self._modules}
         for key, value in table.items():
             if not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"The steering vector of {key!r} must be a tensor, got {type(value).__name__}."
+                raise InvalidInputError(
+                    f"The steering vector of {key!r} must be a tensor, got {type(value).__name__} {value!r:.40}. "
+                    "Convert it, e.g. vectors={key: torch.as_tensor(v)}."
                 )
         return table
 
@@ -254,6 +262,7 @@ class ActivationAddition(HookingContextFactory):
     ) -> Any:
         in_keys, out_keys = hooked.in_keys, hooked.out_keys
         sources = (self._positive_key, self._negative_key)
+        _check_sources(td, sources, in_keys)
         check_keys(
             td,
             [join_key(s, k) for s in sources for k in in_keys],
@@ -313,6 +322,26 @@ class ActivationAddition(HookingContextFactory):
             )
         diff = positive - negative
         return diff.mean(dim=tuple(range(len(batch)))) if batch else diff
+
+
+def _check_sources(td: TensorDictBase, sources: tuple[Any, ...], in_keys: Sequence[Any]) -> None:
+    """Refuse a branch that is not a TensorDict (e.g. a string stored under ``"positive"``) and an
+    empty batch (its mean difference would be NaN), before the model runs."""
+    for name, source in zip(("positive", "negative"), sources, strict=True):
+        value = td.get(source, None)
+        if value is not None and not isinstance(value, TensorDictBase):
+            shown = value.data if is_non_tensor(value) else value
+            raise InvalidInputError(
+                f"ActivationAddition reads its {name} inputs under {source!r}, but that entry is a "
+                f"{type(shown).__name__} ({shown!r:.60}), not a TensorDict of input tensors. Store the {name} "
+                f"inputs as tensors, e.g. td[{join_key(source, in_keys[0])!r}] = x."
+            )
+    if 0 in td.batch_size:
+        raise InsufficientSamplesError(
+            f"ActivationAddition got an empty batch (batch size {tuple(td.batch_size)}, 0 samples): the mean "
+            "activation difference of no samples is undefined (NaN). Give at least one positive and one "
+            "negative input."
+        )
 
 
 def _unbatched_copy(td: TensorDictBase) -> TensorDictBase:

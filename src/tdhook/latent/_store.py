@@ -18,11 +18,7 @@ resumed. Loading parses JSON and maps files read-only (copy-on-write); it never 
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,154 +26,30 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from ..errors import ContextStateError, InvalidInputError, TdhookError
-from .stats import IncompatibleInputsError, InvalidParameterError
+from ..errors import (
+    ContextStateError,
+    IncompatibleInputsError,
+    InvalidInputError,
+    InvalidParameterError,
+    StoreCorruptError,
+    StoreLockedError,
+)
+from ._store_format import (
+    DTYPES,
+    LOCK,
+    META,
+    TMP,
+    WriterLock,
+    fsync_dir,
+    is_store,
+    map_entry,
+    own_files,
+    read_meta,
+    row_bytes,
+    write_meta,
+)
 
 __all__ = ["ActivationStore", "StoreCorruptError", "StoreLockedError"]
-
-#: The metadata file, also the marker that a folder holds a store.
-_META = "tdhook_store.json"
-_TMP = _META + ".tmp"
-_LOCK = "tdhook_store.lock"
-_FORMAT = "tdhook.ActivationStore"
-_VERSION = 1
-_DATA_NAME = re.compile(r"t[0-9]{4,9}\.bin")
-
-_DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.complex64,
-        torch.complex128,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.bool,
-    )
-}
-
-
-class StoreCorruptError(TdhookError, ValueError):
-    """A store folder's metadata or data files are not what the store wrote (truncated, edited...)."""
-
-
-class StoreLockedError(TdhookError, RuntimeError):
-    """Another writer (thread or process) has the store folder open."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _WriterLock:
-    """An exclusive, non-blocking lock on ``folder/tdhook_store.lock``, released by the OS on exit."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / _LOCK
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if sys.platform == "win32":
-                import msvcrt
-
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            raise StoreLockedError(
-                f"ActivationStore folder {str(folder)!r} is open for writing by another ActivationStore (this "
-                "or another process holds its lock). Close that store first, or write to another folder."
-            ) from error
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the lock
-
-
-def _row_bytes(dtype: torch.dtype, shape: list[int]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def _read_meta(folder: Path) -> dict[str, Any]:
-    """The validated metadata of the store in ``folder`` (plain JSON; never unpickles)."""
-    path = folder / _META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise StoreCorruptError(
-            f"ActivationStore metadata {str(path)!r} is not readable JSON ({error}); the folder was not "
-            "written by ActivationStore or was edited. Write the store again."
-        ) from error
-
-    def bad(what: str) -> StoreCorruptError:
-        return StoreCorruptError(
-            f"ActivationStore metadata {str(path)!r} is invalid: {what}. The folder was not written by this "
-            "version of ActivationStore or was edited; write the store again."
-        )
-
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise bad(f"format is not {_FORMAT!r}")
-    if meta.get("version") != _VERSION:
-        raise bad(f"version {meta.get('version')!r}, expected {_VERSION}")
-    num, count, entries = meta.get("num_samples"), meta.get("count"), meta.get("entries")
-    if not (isinstance(num, int) and not isinstance(num, bool) and num >= 1):
-        raise bad(f"num_samples={num!r}")
-    if not (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= num):
-        raise bad(f"count={count!r} with num_samples={num}")
-    if not isinstance(entries, list):
-        raise bad("entries is not a list")
-    keys, files = set(), set()
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise bad(f"entry {entry!r}")
-        key, name, dtype, shape = entry.get("key"), entry.get("file"), entry.get("dtype"), entry.get("shape")
-        if not (isinstance(key, list) and key and all(isinstance(k, str) and k for k in key)):
-            raise bad(f"key {key!r}")
-        if not (isinstance(name, str) and _DATA_NAME.fullmatch(name)):
-            raise bad(f"data file name {name!r} (expected t0000.bin, t0001.bin...)")
-        if dtype not in _DTYPES:
-            raise bad(f"dtype {dtype!r} for {key!r}")
-        if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise bad(f"row shape {shape!r} for {key!r}")
-        if tuple(key) in keys or name in files:
-            raise bad(f"duplicate key {key!r} or file {name!r}")
-        keys.add(tuple(key))
-        files.add(name)
-    return meta
-
-
-def _is_store(folder: Path) -> bool:
-    return (folder / _META).is_file()
-
-
-def _own_files(folder: Path) -> list[Path]:
-    """Files in ``folder`` the store writes: metadata, its temporary file, data files."""
-    return [
-        child
-        for child in folder.iterdir()
-        if child.name in (_META, _TMP) or (_DATA_NAME.fullmatch(child.name) and not child.is_dir())
-    ]
 
 
 class ActivationStore:
@@ -244,17 +116,17 @@ class ActivationStore:
         self.num_samples = num_samples
         self._count = 0
         self._entries: list[dict[str, Any]] = []
-        self._lock: _WriterLock | None = None
+        self._lock: WriterLock | None = None
         self._mutex = threading.Lock()
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"ActivationStore path {str(self.path)!r} is a file; pass a folder.")
         self._check_folder(overwrite, resume)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _WriterLock(self.path)
+        self._lock = WriterLock(self.path)
         try:
             self._check_folder(overwrite, resume)  # again, now that no other writer can change it
-            if resume and _is_store(self.path):
-                meta = _read_meta(self.path)
+            if resume and is_store(self.path):
+                meta = read_meta(self.path)
                 if meta["num_samples"] != num_samples:
                     raise InvalidParameterError(
                         f"resume=True found a store of num_samples={meta['num_samples']} in {str(self.path)!r}, "
@@ -262,10 +134,10 @@ class ActivationStore:
                     )
                 self._count, self._entries = meta["count"], meta["entries"]
             else:
-                old = _own_files(self.path)
+                old = own_files(self.path)
                 self._publish(0, [])  # the folder is a (new, empty) store from here on
                 for child in old:
-                    if child.name not in (_META, _TMP):
+                    if child.name not in (META, TMP):
                         child.unlink()
         except BaseException:
             self.close()
@@ -274,14 +146,14 @@ class ActivationStore:
     def _check_folder(self, overwrite: bool, resume: bool) -> None:
         if not self.path.is_dir():
             return
-        if _is_store(self.path):
+        if is_store(self.path):
             if not (overwrite or resume):
                 raise InvalidInputError(
                     f"ActivationStore folder {str(self.path)!r} already holds a store; pass resume=True to "
                     "continue it, overwrite=True to replace it, or another folder."
                 )
             return
-        foreign = [c.name for c in self.path.iterdir() if c.name not in (_LOCK, _TMP)]
+        foreign = [c.name for c in self.path.iterdir() if c.name not in (LOCK, TMP)]
         if foreign:
             raise InvalidInputError(
                 f"ActivationStore folder {str(self.path)!r} is not empty and holds no store (it has "
@@ -376,36 +248,16 @@ class ActivationStore:
                 not the size the store wrote (e.g. truncated by a partial copy).
         """
         folder = Path(path)
-        if not _is_store(folder):
+        if not is_store(folder):
             raise InvalidInputError(
-                f"No ActivationStore at {str(path)!r} (no {_META}); write one with ActivationStore(path, "
+                f"No ActivationStore at {str(path)!r} (no {META}); write one with ActivationStore(path, "
                 "num_samples).append(...)."
             )
-        meta = _read_meta(folder)
+        meta = read_meta(folder)
         num, count = meta["num_samples"], meta["count"]
         out = TensorDict({}, batch_size=[count])
         for entry in meta["entries"]:
-            dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
-            file = folder / entry["file"]
-            expected = num * _row_bytes(dtype, shape)
-            if file.is_symlink() or not file.is_file():
-                raise StoreCorruptError(
-                    f"ActivationStore data file {str(file)!r} for {'.'.join(entry['key'])!r} is missing or not a "
-                    "regular file; the store is incomplete. Write it again."
-                )
-            size = file.stat().st_size
-            if size != expected:
-                raise StoreCorruptError(
-                    f"ActivationStore data file {str(file)!r} for {'.'.join(entry['key'])!r} has {size} bytes, "
-                    f"expected {expected} ({num} rows of {shape} {entry['dtype']}); it was truncated or edited "
-                    "(e.g. a partial copy). Copy or write the store again."
-                )
-            if expected == 0:
-                tensor = torch.empty((count, *shape), dtype=dtype)
-            else:
-                mapped = torch.from_file(str(file), shared=False, size=num * math.prod(shape), dtype=dtype)
-                tensor = mapped.view(num, *shape)[:count]
-            out.set(tuple(entry["key"]), tensor)
+            out.set(tuple(entry["key"]), map_entry(folder, entry, num, count))
         return out
 
     # ----------------------------------------------------------------- helpers
@@ -427,10 +279,10 @@ class ActivationStore:
                 f"Every activation must have the same first (batch) dimension, got {sizes}."
             )
         for key, value in leaves.items():
-            if str(value.dtype).removeprefix("torch.") not in _DTYPES:
+            if str(value.dtype).removeprefix("torch.") not in DTYPES:
                 raise IncompatibleInputsError(
                     f"ActivationStore cannot store {'.'.join(key)!r} of dtype {value.dtype}; supported: "
-                    f"{sorted(_DTYPES)}. Cast it first."
+                    f"{sorted(DTYPES)}. Cast it first."
                 )
         return leaves
 
@@ -446,12 +298,12 @@ class ActivationStore:
             }
             fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.ftruncate(fd, self.num_samples * _row_bytes(value.dtype, shape))
+                os.ftruncate(fd, self.num_samples * row_bytes(value.dtype, shape))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             entries.append(entry)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return entries
 
     def _check_like_first(
@@ -474,7 +326,7 @@ class ActivationStore:
                 )
 
     def _write_rows(self, entry: dict[str, Any], value: torch.Tensor) -> None:
-        row = _row_bytes(value.dtype, entry["shape"])
+        row = row_bytes(value.dtype, entry["shape"])
         data = value.detach().to("cpu").contiguous().reshape(-1)
         raw: Any = data.view(torch.uint8).numpy() if data.numel() else b""
         with open(self.path / entry["file"], "r+b") as f:
@@ -484,18 +336,4 @@ class ActivationStore:
             os.fsync(f.fileno())
 
     def _publish(self, count: int, entries: list[dict[str, Any]]) -> None:
-        """Replace the metadata atomically: temporary file, fsync, rename, fsync of the folder."""
-        meta = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "num_samples": self.num_samples,
-            "count": count,
-            "entries": entries,
-        }
-        tmp = self.path / _TMP
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / _META)
-        _fsync_dir(self.path)
+        write_meta(self.path, self.num_samples, count, entries)

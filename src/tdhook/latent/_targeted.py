@@ -17,7 +17,7 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import nn
 
-from ..errors import InvalidInputError, TargetError
+from ..errors import IncompatibleInputsError, InvalidInputError, InvalidParameterError, TargetError
 from ..targets import Target, TargetKind
 
 __all__ = [
@@ -208,7 +208,7 @@ def check_cache_key(cache_key: NestedKey, model_keys: Sequence[NestedKey]) -> No
         other = _as_tuple(key)
         n = min(len(mine), len(other))
         if mine[:n] == other[:n]:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"cache_key {cache_key!r} overlaps the model's keys ({key!r}); the published cache would "
                 "overwrite (or sit inside) a model input or output. Pick another key, e.g. 'cache'."
             )
@@ -222,7 +222,7 @@ def publish_cache(result: Any, cache_key: NestedKey, cache: TensorDictBase) -> N
     try:
         snapshot.batch_size = result.batch_size
     except RuntimeError as err:
-        raise ValueError(
+        raise IncompatibleInputsError(
             f"Cannot publish the cache under {cache_key!r}: an entry does not start with the TensorDict's batch "
             f"shape {tuple(result.batch_size)} ({err}). Read context.cache instead (cache_key=None)."
         ) from None

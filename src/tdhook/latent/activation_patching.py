@@ -1,5 +1,6 @@
 """Compatibility path (tdhook 0.1): ``tdhook.latent.activation_patching``."""
 
-from ._patching import ActivationPatching, InterventionError, InterventionShapeError
+from ..errors import InterventionError, InterventionShapeError
+from ._patching import ActivationPatching
 
 __all__ = ["ActivationPatching", "InterventionError", "InterventionShapeError"]

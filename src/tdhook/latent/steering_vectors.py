@@ -1,6 +1,6 @@
 """Compatibility path (tdhook 0.1): ``tdhook.latent.steering_vectors``."""
 
-from ._patching import InterventionError, InterventionShapeError
+from ..errors import InterventionError, InterventionShapeError
 from ._steering import ActivationAddition, SteeringVectors
 
 __all__ = ["ActivationAddition", "InterventionError", "InterventionShapeError", "SteeringVectors"]

@@ -9,18 +9,15 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ...errors import InvalidInputError
-from ..stats._checks import as_float, check_finite, check_number, read_key
-from ..stats._errors import IncompatibleInputsError, InvalidParameterError
+from ..._checks import as_float, check_chunk_size, check_finite, check_number, read_key
+from ...errors import IncompatibleInputsError, InvalidInputError, InvalidParameterError
 
 __all__ = [
     "AUTO",
     "KSpec",
     "auto_k",
-    "check_chunk_size",
     "check_eps",
     "check_k",
-    "format_repr",
     "init_io",
     "read_points",
 ]
@@ -55,15 +52,6 @@ def check_eps(eps: Any) -> float:
     return check_number(eps, name="eps", minimum=0, hint="Distances <= eps count as duplicates; e.g. 1e-5.")
 
 
-def check_chunk_size(chunk_size: Any) -> int | None:
-    """Validate an optional positive chunk size."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise InvalidParameterError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    return chunk_size
-
-
 def auto_k(n_points: int) -> int:
     """``k="auto"``: ``max(2, min(floor(sqrt(N)), (N - 1) // 2))``."""
     return max(2, min(math.isqrt(n_points), (n_points - 1) // 2))
@@ -95,13 +83,6 @@ def read_points(td: TensorDictBase, key: NestedKey, *, owner: str) -> tuple[Tens
     check_finite(x, name=f"{owner} input {key!r}")
     batch = tuple(x.shape[:-2])
     return x.reshape(math.prod(batch), x.shape[-2], x.shape[-1]), batch
-
-
-def format_repr(obj: Any, **fields: Any) -> str:
-    """``Name(in_keys=[...], out_keys=[...], field=value, ...)``."""
-    parts = [f"in_keys={list(obj.in_keys)}", f"out_keys={list(obj.out_keys)}"]
-    parts += [f"{name}={value!r}" for name, value in fields.items()]
-    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 def init_io(

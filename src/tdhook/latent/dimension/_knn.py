@@ -20,9 +20,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ...errors import InvalidInputError
-from ..stats._checks import as_float, check_finite, check_number
-from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError, InvalidParameterError
+from ..._checks import as_float, check_finite, check_number
+from ...errors import (
+    IncompatibleInputsError,
+    InsufficientSamplesError,
+    InvalidInputError,
+    InvalidParameterError,
+)
 
 __all__ = ["KnnResult", "PreparedPoints", "block_keys", "default_chunk_size", "knn", "prepare_points"]
 

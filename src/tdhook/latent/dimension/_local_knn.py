@@ -9,8 +9,9 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 
-from ..stats._errors import InsufficientSamplesError
-from ._common import AUTO, KSpec, auto_k, check_k, format_repr, init_io, read_points
+from ..._checks import format_repr
+from ...errors import InsufficientSamplesError
+from ._common import AUTO, KSpec, auto_k, check_k, init_io, read_points
 from ._knn import knn
 
 __all__ = ["LocalKnnDimensionEstimator"]

@@ -18,9 +18,9 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ..stats._checks import check_number
-from ..stats._errors import InsufficientSamplesError, InvalidParameterError
-from ._common import AUTO, KSpec, auto_k, check_k, format_repr, init_io, read_points
+from ..._checks import check_number, format_repr
+from ...errors import InsufficientSamplesError, InvalidParameterError
+from ._common import AUTO, KSpec, auto_k, check_k, init_io, read_points
 from ._knn import BLOCK_ELEMENTS, knn
 
 __all__ = ["CaPcaDimensionEstimator", "LocalPcaDimensionEstimator", "PcaCriterion"]

@@ -8,9 +8,9 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ..stats._checks import suffix_key
-from ..stats._errors import InsufficientSamplesError
-from ._common import format_repr, init_io, read_points
+from ..._checks import format_repr, suffix_key
+from ...errors import InsufficientSamplesError
+from ._common import init_io, read_points
 from ._knn import knn
 
 __all__ = ["TwoNnDimensionEstimator", "two_nn_fit"]

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...errors import InvalidParameterError
 from ..dimension import LocalPcaDimensionEstimator, knn
-from ..stats._errors import InvalidParameterError
 
 __all__ = ["LocalPcaDimensionEstimator"]
 

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import NotFittedError
-from ..stats._checks import check_finite, check_positive_int
-from ..stats._errors import IncompatibleInputsError, InvalidParameterError
+from ..._checks import check_finite, check_positive_int
+from ...errors import IncompatibleInputsError, InvalidParameterError, NotFittedError
 
 __all__ = [
     "BilinearEstimator",

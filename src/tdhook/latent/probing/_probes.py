@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from ...errors import ProbingError
+from ...errors import InsufficientSamplesError, InvalidInputError, NonFiniteInputError, ProbingError
 
 __all__ = ["BilinearProbe", "BilinearProbeManager", "Probe", "ProbeManager", "StepType"]
 
@@ -52,6 +52,55 @@ def _partial_fit(estimator: Any, *xs: Any, labels: Any) -> None:
     estimator.partial_fit(*xs, labels)
 
 
+def _as_checkable(value: Any) -> torch.Tensor | None:
+    """``value`` as a tensor when it is one or an array (NumPy...), else None (not checked)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "__array__") and hasattr(value, "shape") and hasattr(value, "dtype"):
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    return None
+
+
+def check_probe_inputs(xs: tuple[Any, ...], labels: Any, step: StepType, check_finite: bool) -> None:
+    """Refuse an empty batch, and NaN/Inf activations or labels, before the estimator sees them.
+
+    Raises:
+        InsufficientSamplesError: If an input has 0 samples (rows).
+        NonFiniteInputError: If ``check_finite`` and an input (or, when fitting, a label) is NaN/Inf.
+    """
+    names = ("X",) if len(xs) == 1 else tuple(f"h{i + 1}" for i in range(len(xs)))
+    for name, value in zip(names, xs, strict=True):
+        x = _as_checkable(value)
+        if x is None:
+            continue
+        if x.ndim and x.shape[0] == 0:
+            raise InsufficientSamplesError(
+                f"The probe's input {name} has 0 samples (shape {tuple(x.shape)}): the batch is empty, so there is "
+                f"nothing to {step.value} on. Call the hooked model on a batch with at least one sample."
+            )
+        if check_finite:
+            _check_finite(x, name, "activations", step)
+    y = _as_checkable(labels) if step is not StepType.PREDICT else None
+    if check_finite and y is not None:
+        _check_finite(y, "labels", "labels", step)
+
+
+def _check_finite(x: torch.Tensor, name: str, what: str, step: StepType) -> None:
+    if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x.sum())):
+        return  # a finite sum proves every entry finite (NaN and inf propagate)
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):  # else: the sum overflowed on finite values
+        raise NonFiniteInputError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf) out of {x.numel()}; the "
+            f"estimator cannot {step.value} on {what} that are not finite. Find where they appear (the model's "
+            "inputs or weights) and drop those samples, or pass check_finite=False to the probe manager if the "
+            "estimator handles NaN itself."
+        )
+
+
 def _run_step(
     estimator: Any,
     step: StepType,
@@ -59,8 +108,10 @@ def _run_step(
     labels: Any,
     fit_callback: Callable[[Any, Any], Any] | None,
     predict_callback: Callable[[Any, Any], Any],
+    check_finite: bool = True,
 ) -> None:
-    """Fit, update or predict with ``estimator`` on ``xs`` and report to the callbacks."""
+    """Fit, update or predict with ``estimator`` on ``xs`` (checked first) and report to the callbacks."""
+    check_probe_inputs(xs, labels, step, check_finite)
     if step is StepType.PARTIAL_FIT:
         _partial_fit(estimator, *xs, labels=labels)
     elif step is StepType.FIT:
@@ -92,8 +143,8 @@ def _metric_tensor(value: Any, key: str, metric: str) -> torch.Tensor:
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(
-            f"Metric {metric!r} of probe {key!r} is a {type(value).__name__}, not a number or a tensor; "
+        raise InvalidInputError(
+            f"Metric {metric!r} of probe {key!r} is a {type(value).__name__} ({value!r:.40}), not a number or a tensor; "
             "return numbers (or tensors) from compute_metrics to read them in results."
         ) from None
 
@@ -114,6 +165,10 @@ class Probe:
         predict_callback: ``(predictions, labels) -> None`` called on "predict" steps.
         fit_callback: ``(predictions, labels) -> None`` called after fitting, on the training data.
         data_preprocess_callback: ``data -> X``; defaults to detach + flatten(1).
+        check_finite: Refuse NaN/Inf activations (and, when fitting, labels) with
+            :class:`~tdhook.errors.NonFiniteInputError` before the estimator sees them. Set it
+            to False for an estimator that handles missing values itself. An empty batch is
+            always refused (:class:`~tdhook.errors.InsufficientSamplesError`).
     """
 
     def __init__(
@@ -122,11 +177,14 @@ class Probe:
         predict_callback: Callable[[Any, Any], Any],
         fit_callback: Callable[[Any, Any], Any] | None = None,
         data_preprocess_callback: Callable[[Any], Any] | None = None,
+        *,
+        check_finite: bool = True,
     ) -> None:
         self.estimator = estimator
         self._predict_callback = predict_callback
         self._fit_callback = fit_callback
         self._preprocess = data_preprocess_callback or default_preprocess
+        self._check_finite = check_finite
 
     def step(self, data: Any, **kwargs: Any) -> None:
         """Fit (``step_type="fit"``), update (``"partial_fit"``) or predict (``"predict"``) on ``data``.
@@ -138,7 +196,9 @@ class Probe:
         labels = kwargs.get("labels")
         _require_labels(labels, step)
         xs = (self._preprocess(data),)
-        _run_step(self.estimator, step, xs, labels, self._fit_callback, self._predict_callback)
+        _run_step(
+            self.estimator, step, xs, labels, self._fit_callback, self._predict_callback, self._check_finite
+        )
 
 
 class _ManagerBase:
@@ -154,6 +214,7 @@ class _ManagerBase:
         *,
         reuse_probes: bool = False,
         overwrite_results: bool | None = None,
+        check_finite: bool = True,
     ) -> None:
         self._estimator_class = estimator_class
         self._estimator_kwargs = dict(estimator_kwargs or {})
@@ -162,6 +223,7 @@ class _ManagerBase:
         self._overwrite_results = allow_overwrite if overwrite_results is None else overwrite_results
         self._reuse_probes = reuse_probes
         self._preprocess = data_preprocess_callback
+        self._check_finite = check_finite
         self._estimators: dict[str, Any] = {}
         self._probes: dict[str, Any] = {}
         self._fit_metrics: dict[str, Any] = {}
@@ -188,15 +250,15 @@ class _ManagerBase:
         present, possibly empty.
 
         Raises:
-            TypeError: If ``compute_metrics`` returned something else than a dict, or a metric
-                that is not a number or a tensor.
+            InvalidInputError: If ``compute_metrics`` returned something else than a dict, or a
+                metric that is not a number or a tensor (a ``TypeError``).
         """
         phases = {}
         for phase, table in ((StepType.FIT, self._fit_metrics), (StepType.PREDICT, self._predict_metrics)):
             entries = {}
             for key, metrics in table.items():
                 if not isinstance(metrics, dict):
-                    raise TypeError(
+                    raise InvalidInputError(
                         f"compute_metrics returned a {type(metrics).__name__} for probe {key!r} ({phase.value}); "
                         "results needs a dict of metrics, e.g. lambda preds, y: {'r2': r2_score(y, preds)}."
                     )
@@ -260,6 +322,7 @@ class _ManagerBase:
             "predict_callback": functools.partial(self._store, StepType.PREDICT, name),
             "fit_callback": functools.partial(self._store, StepType.FIT, name),
             "data_preprocess_callback": self._preprocess,
+            "check_finite": self._check_finite,
         }
 
 
@@ -279,6 +342,8 @@ class ProbeManager(_ManagerBase):
             ``allow_overwrite=True`` creates a fresh, unfitted estimator.
         overwrite_results: Allow recording the metrics of a phase and probe twice (the last one
             is kept); defaults to ``allow_overwrite``.
+        check_finite: Passed to every :class:`Probe`: refuse NaN/Inf activations and labels
+            before the estimator (default), or let them through (False).
 
     Examples:
         >>> from sklearn.linear_model import LinearRegression
@@ -312,6 +377,7 @@ class BilinearProbe:
         predict_callback: ``(predictions, labels) -> None``.
         fit_callback: ``(predictions, labels) -> None`` after fitting.
         data_preprocess_callback: ``data -> X`` (default: detach + flatten).
+        check_finite: As for :class:`Probe`.
     """
 
     def __init__(
@@ -322,6 +388,8 @@ class BilinearProbe:
         predict_callback: Callable[[Any, Any], Any],
         fit_callback: Callable[[Any, Any], Any] | None = None,
         data_preprocess_callback: Callable[[Any], Any] | None = None,
+        *,
+        check_finite: bool = True,
     ) -> None:
         self.h1_key = h1_key
         self.h2_key = h2_key
@@ -329,6 +397,7 @@ class BilinearProbe:
         self._predict_callback = predict_callback
         self._fit_callback = fit_callback
         self._preprocess = data_preprocess_callback or default_preprocess
+        self._check_finite = check_finite
         self._cache: dict[str, Any] = {}
 
     @property
@@ -359,7 +428,9 @@ class BilinearProbe:
         step = StepType.parse(step_type)
         _require_labels(labels, step)
         xs = (self._preprocess(h1), self._preprocess(h2))
-        _run_step(self.estimator, step, xs, labels, self._fit_callback, self._predict_callback)
+        _run_step(
+            self.estimator, step, xs, labels, self._fit_callback, self._predict_callback, self._check_finite
+        )
 
 
 class _Dispatcher:
@@ -390,6 +461,7 @@ class BilinearProbeManager(_ManagerBase):
         compute_metrics: ``(predictions, labels) -> dict``.
         allow_overwrite: Allow re-creating probes or metrics.
         data_preprocess_callback: Passed to every :class:`BilinearProbe`.
+        check_finite: Passed to every :class:`BilinearProbe` (see :class:`Probe`).
     """
 
     def __init__(
@@ -400,9 +472,16 @@ class BilinearProbeManager(_ManagerBase):
         compute_metrics: Callable[[Any, Any], dict[str, Any]],
         allow_overwrite: bool = False,
         data_preprocess_callback: Callable[[Any], Any] | None = None,
+        *,
+        check_finite: bool = True,
     ) -> None:
         super().__init__(
-            estimator_class, estimator_kwargs, compute_metrics, allow_overwrite, data_preprocess_callback
+            estimator_class,
+            estimator_kwargs,
+            compute_metrics,
+            allow_overwrite,
+            data_preprocess_callback,
+            check_finite=check_finite,
         )
         self._pairs = [tuple(p) for p in pairs]
         for pair in self._pairs:

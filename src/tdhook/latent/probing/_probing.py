@@ -19,7 +19,7 @@ from ..._core.hooked import HookedModule
 from ..._core.keys import check_keys
 from ..._core.lifecycle import HookingContext
 from ..._core.paths import select_modules
-from ...errors import TdhookError, TdhookWarning
+from ...errors import InvalidInputError, TdhookError, TdhookWarning
 
 __all__ = ["ProbesNeverFiredWarning", "Probing"]
 
@@ -147,8 +147,9 @@ class Probing(HookingContextFactory):
         classes_to_skip: Sequence[type] | None = None,
     ) -> None:
         if not callable(probe_factory):
-            raise TypeError(
-                f"probe_factory must be callable as probe_factory(name, direction), got {type(probe_factory).__name__}. "
+            raise InvalidInputError(
+                f"probe_factory must be callable as probe_factory(name, direction), got {type(probe_factory).__name__} "
+                f"{probe_factory!r:.40}. "
                 "Pass e.g. ProbeManager(...).probe_factory."
             )
         self.key_pattern = key_pattern

@@ -7,8 +7,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 
-from ..dimension._common import check_chunk_size, format_repr
-from ..stats._checks import check_number
+from ..._checks import check_chunk_size, check_number, format_repr
 from ._kernels import CkaKernel, linear_cka, parse_kernel, rbf_cka
 from ._validation import empty_output, read_pair
 

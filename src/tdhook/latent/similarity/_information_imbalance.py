@@ -10,9 +10,9 @@ from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ..dimension._common import check_chunk_size, format_repr
+from ..._checks import check_chunk_size, format_repr
+from ...errors import InsufficientSamplesError, InvalidParameterError
 from ..dimension._knn import block_keys, default_chunk_size, prepare_points
-from ..stats._errors import InsufficientSamplesError, InvalidParameterError
 from ._validation import empty_output, read_pair
 
 __all__ = ["InformationImbalanceEstimator", "information_imbalance"]

@@ -13,8 +13,8 @@ import enum
 import torch
 from torch import Tensor
 
+from ...errors import UnknownKernelError
 from ..dimension._knn import default_chunk_size
-from ..stats._errors import UnknownKernelError
 
 __all__ = [
     "CkaKernel",

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..stats._checks import as_float, as_tensor, check_finite, check_number
-from ..stats._distributed import all_reduce_sum, require_process_group
-from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError
+from ..._checks import as_float, as_tensor, check_finite, check_number
+from ..._distributed import all_reduce_sum, require_process_group
+from ...errors import IncompatibleInputsError, InsufficientSamplesError
 from ._kernels import CkaKernel, cka_from_hsic, gram_matrix, hsic_unbiased, parse_kernel
 
 __all__ = ["StreamingCka"]

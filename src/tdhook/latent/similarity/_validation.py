@@ -9,8 +9,8 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ..stats._checks import as_float, check_finite, read_key
-from ..stats._errors import IncompatibleInputsError, InsufficientSamplesError
+from ..._checks import as_float, check_finite, read_key
+from ...errors import IncompatibleInputsError, InsufficientSamplesError
 
 __all__ = ["read_pair"]
 

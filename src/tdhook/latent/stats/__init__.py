@@ -6,18 +6,19 @@ sufficient statistics with ``state()``, and combines them across processes with
 similarity measures in :mod:`tdhook.latent.similarity`.
 
 The exception classes shared by :mod:`tdhook.latent.dimension`,
-:mod:`tdhook.latent.similarity` and this package are exported here too.
+:mod:`tdhook.latent.similarity` and this package live in :mod:`tdhook.errors` and are
+re-exported here (the same classes).
 """
 
 from __future__ import annotations
 
-from ...errors import NotFittedError
-from ._errors import (
+from ...errors import (
     DistributedNotInitializedError,
     IncompatibleInputsError,
     InsufficientSamplesError,
     InvalidParameterError,
     NonFiniteInputError,
+    NotFittedError,
     UnknownKernelError,
 )
 from ._logistic import LogisticOptimizer, StreamingLogisticRegression

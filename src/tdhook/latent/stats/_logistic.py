@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...errors import NotFittedError
-from ._checks import as_float, as_tensor, check_finite, check_positive_int
-from ._distributed import all_reduce_sum, require_process_group
-from ._errors import IncompatibleInputsError, InvalidParameterError
+from ..._checks import as_float, as_tensor, check_finite, check_positive_int
+from ..._distributed import all_reduce_sum, require_process_group
+from ...errors import IncompatibleInputsError, InvalidParameterError, NotFittedError
 
 __all__ = ["LogisticOptimizer", "StreamingLogisticRegression"]
 

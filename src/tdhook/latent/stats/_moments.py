@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import as_float, as_tensor, check_finite
-from ._distributed import all_reduce_sum, require_process_group
-from ._errors import IncompatibleInputsError, InsufficientSamplesError
+from ..._checks import as_float, as_tensor, check_finite
+from ..._distributed import all_reduce_sum, require_process_group
+from ...errors import IncompatibleInputsError, InsufficientSamplesError
 
 __all__ = ["StreamingMoments"]
 

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import NotFittedError
-from ._checks import as_float, as_tensor, check_finite
-from ._errors import IncompatibleInputsError, InvalidParameterError, NonFiniteInputError
+from ..._checks import as_float, as_tensor, check_finite
+from ...errors import IncompatibleInputsError, InvalidParameterError, NonFiniteInputError, NotFittedError
 from ._moments import StreamingMoments
 
 __all__ = ["StreamingLinearRegression"]

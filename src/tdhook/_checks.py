@@ -1,7 +1,8 @@
-"""Input checks shared by the dimension, similarity and streaming estimators.
+"""Input checks shared across the package (dimension, similarity, streaming statistics, probes, store).
 
 Every public estimator calls these at its boundary, so the messages are the same everywhere:
-they name the offending key or argument, what was expected, and one fix.
+they name the offending key or argument, what was expected, and one fix. The errors they raise
+live in :mod:`tdhook.errors`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ...errors import InvalidInputError, MissingKeyError
-from ._errors import InvalidParameterError, NonFiniteInputError
+from .errors import InvalidInputError, InvalidParameterError, MissingKeyError, NonFiniteInputError
 
 __all__ = [
     "as_float",
     "as_tensor",
+    "check_chunk_size",
     "check_finite",
     "check_number",
     "check_positive_int",
+    "format_repr",
     "read_key",
     "suffix_key",
 ]
@@ -137,6 +139,22 @@ def check_number(
             f"{name} must be {expected}, got {value!r}." + (f" {hint}" if hint else "")
         )
     return float(value)
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """Validate an optional positive chunk size."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise InvalidParameterError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    return chunk_size
+
+
+def format_repr(obj: Any, **fields: Any) -> str:
+    """``Name(in_keys=[...], out_keys=[...], field=value, ...)`` for the TensorDict-module estimators."""
+    parts = [f"in_keys={list(obj.in_keys)}", f"out_keys={list(obj.out_keys)}"]
+    parts += [f"{name}={value!r}" for name, value in fields.items()]
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 def read_key(td: TensorDictBase, key: NestedKey, *, owner: str) -> Tensor:

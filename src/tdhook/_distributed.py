@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._errors import DistributedNotInitializedError
+from .errors import DistributedNotInitializedError
 
 __all__ = ["all_reduce_sum", "require_process_group"]
 

@@ -1,18 +1,22 @@
 """The call boundary: wrapping a model for TensorDicts, and the checks on what enters it.
 
 :func:`wrap_module` turns any model into a TensorDict-level module (refusing compiled models);
-:func:`_check_dtype` refuses a floating input whose dtype differs from the model's; the direct
-tensor call skips ``TensorDictModule``'s packing when nothing hooks the wrapper.
+:func:`_check_dtype` refuses a floating input whose dtype differs from the model's;
+:func:`explain_input_error` turns a call that failed on a non-tensor input, or on integers fed to
+a floating-point model, into a clear error; the direct tensor call skips ``TensorDictModule``'s
+packing when nothing hooks the wrapper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import NonTensorStack, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictModuleBase
+from tensordict.utils import is_non_tensor
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
@@ -20,6 +24,7 @@ from ..errors import (
     CompiledModelError,
     DtypeMismatchError,
     InvalidInputError,
+    TdhookError,
 )
 from . import keys as _keys
 
@@ -124,6 +129,46 @@ def _check_dtype(hooked: HookedModule, key: Any, value: Any) -> None:
         f"Input {name} has dtype {value.dtype} but the model's parameters are {ref.dtype}. Cast the input "
         f"(e.g. `x.to({ref.dtype})`) or the model (e.g. `model.to({value.dtype})`) so that they match."
     )
+
+
+#: How torch reports an integer tensor reaching a floating-point operation.
+_INT_INTO_FLOAT = re.compile(r"(?i)dtype|scalar type|not implemented for '(long|int|short|char|byte|bool)'")
+
+
+def explain_input_error(
+    hooked: HookedModule, inputs: Iterable[tuple[Any, Any]], error: Exception
+) -> TdhookError | None:
+    """A clear error for a call that failed on a bad input, or None when no input explains ``error``.
+
+    ``inputs`` are ``(key, value)`` pairs the model reads (a TensorDict key, or a position for a
+    positional argument). A value that is not a tensor (a string stored in the TensorDict) gives
+    an :class:`InvalidInputError`; an integer tensor into a floating-point model, when torch
+    complained about dtypes, gives a :class:`DtypeMismatchError`. Either message names the key,
+    the value, what was expected, the fix, and torch's own message.
+    """
+    said = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
+    ref: Any = None
+    for key, value in inputs:
+        name = f"positional argument {key}" if isinstance(key, int) else repr(key)
+        if value is None:
+            continue
+        if is_non_tensor(value) or not isinstance(value, (torch.Tensor, TensorDictBase)):
+            shown = value.tolist() if isinstance(value, NonTensorStack) else getattr(value, "data", value)
+            return InvalidInputError(
+                f"Input {name} holds a {type(shown).__name__} ({shown!r:.60}), not a tensor, and the call failed "
+                f"on it: {said}. Store the input as a tensor, e.g. td[{key!r}] = torch.as_tensor(x)."
+            )
+        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+            if ref is None:
+                found = _first_float_param(hooked.td_module)
+                ref = False if found is None else found
+            if ref is not False and _INT_INTO_FLOAT.search(str(error)):
+                return DtypeMismatchError(
+                    f"Input {name} has dtype {value.dtype} (integers) but the model's parameters are {ref.dtype}, "
+                    f"and the model failed on it: {said}. Cast the input (e.g. `x.to({ref.dtype})`), "
+                    "or feed integer ids through an embedding layer."
+                )
+    return None
 
 
 def _check_subset(keys: Any, available: Sequence[Any], name: str) -> list[Any]:

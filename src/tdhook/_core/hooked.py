@@ -21,10 +21,11 @@ from ..errors import (
     ConcurrencyError,
     ContextStateError,
     InvalidInputError,
+    TdhookError,
     TdhookWarning,
 )
 from . import keys as _keys
-from .boundary import _check_dtype, _direct_call, _direct_module, _unhooked, wrap_module
+from .boundary import _check_dtype, _direct_call, _direct_module, _unhooked, explain_input_error, wrap_module
 from .cache import CacheProxy, check_cache
 from .directions import HookDirection, register
 from .forward_state import CallTracker, ForwardState, ThreadGate
@@ -157,13 +158,20 @@ class HookedModule(TensorDictModuleWrapper):
                     "it: enter a context (prepare(model)) in each thread instead of sharing the hooked module."
                 )
         chain = self.__dict__["_call_chain"]
-        if args and isinstance(args[0], TensorDictBase):
-            if chain is not None:
-                return chain(args[0], *args[1:], **kwargs)
-            return self._call_model(args[0], *args[1:], **kwargs)
-        if "tensordict" in kwargs and isinstance(kwargs["tensordict"], TensorDictBase):
+        td = args[0] if args and isinstance(args[0], TensorDictBase) else None
+        if td is None and isinstance(kwargs.get("tensordict"), TensorDictBase):
             td = kwargs.pop("tensordict")
-            return chain(td, **kwargs) if chain is not None else self._call_model(td, **kwargs)
+            args = (td,)
+        if td is not None:
+            try:
+                return chain(*args, **kwargs) if chain is not None else self._call_model(*args, **kwargs)
+            except TdhookError:
+                raise
+            except Exception as error:  # a bad input (a string, integers) explains it more clearly
+                clearer = explain_input_error(self, self._inputs_of(td), error)
+                if clearer is None:
+                    raise
+                raise clearer from error
         if chain is not None and ctx is not None and ctx.factory._needs_tensordict:
             raise InvalidInputError(
                 f"{type(ctx.factory).__name__} needs a TensorDict input, got "
@@ -172,10 +180,22 @@ class HookedModule(TensorDictModuleWrapper):
             )
         for i, arg in enumerate(args):
             _check_dtype(self, i, arg)
-        direct = self.__dict__["_direct"]
-        if direct is not None and len(args) == 1 and not kwargs and _unhooked(direct[0]):
-            return _direct_call(direct[1], args[0], direct[0].out_keys[0])
-        return self.td_module(*args, **kwargs)
+        try:
+            direct = self.__dict__["_direct"]
+            if direct is not None and len(args) == 1 and not kwargs and _unhooked(direct[0]):
+                return _direct_call(direct[1], args[0], direct[0].out_keys[0])
+            return self.td_module(*args, **kwargs)
+        except TdhookError:
+            raise
+        except Exception as error:
+            clearer = explain_input_error(self, enumerate(args), error)
+            if clearer is None:
+                raise
+            raise clearer from error
+
+    def _inputs_of(self, td: TensorDictBase) -> list[tuple[Any, Any]]:
+        """``(in_key, value)`` for each model input present in ``td``."""
+        return [(key, td.get(key, None)) for key in self.td_module.in_keys]
 
     def _call_model(self, td: TensorDictBase, *args: Any, **kwargs: Any) -> TensorDictBase:
         """Run the TensorDict-level model on ``td`` after checking its input keys and dtypes."""
@@ -186,7 +206,15 @@ class HookedModule(TensorDictModuleWrapper):
             _keys.check_keys(td, needed)
         for key in needed:
             _check_dtype(self, key, td.get(key))
-        return td_module(td, *args, **kwargs)
+        try:
+            return td_module(td, *args, **kwargs)
+        except TdhookError:
+            raise
+        except Exception as error:  # the TensorDict the model saw (a method may have built it)
+            clearer = explain_input_error(self, self._inputs_of(td), error)
+            if clearer is None:
+                raise
+            raise clearer from error
 
     # -- context delegation ---------------------------------------------------------------------
     def _require_context(self) -> HookingContext:

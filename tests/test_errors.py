@@ -28,11 +28,13 @@ from tdhook.latent._recording import normalize_module_keys
 from tdhook.latent._targeted import publish_cache
 from tdhook.latent.probing import ProbeManager, Probing
 from tdhook.targets import Target
+from tdhook.weights import Pruning, TaskVectors
+from tdhook.weights.pruning import PruningSpecError
 
 SRC = pathlib.Path(tdhook.__file__).parent
 
 #: Modules other engineers own that still hold bare raises; everything else must hold none.
-OTHERS = ("attribution", "_core", "weights", "_session.py", "_interventions.py")
+OTHERS = ("attribution", "_core", "_session.py", "_interventions.py")
 
 
 def _model() -> nn.Module:
@@ -50,6 +52,16 @@ def _results_with(metric: Any) -> Any:
 
 def _enter(factory: Any) -> None:
     with factory.prepare(_model()):
+        pass
+
+
+def _task_vector_of(finetuned: Any) -> Any:
+    with TaskVectors([1.0], lambda h: 0.0, lambda h: True).prepare(_model()) as hooked:
+        return hooked.get_task_vector(finetuned)
+
+
+def _prune_nothing() -> None:
+    with Pruning(lambda module_key, parameter_name, parameter: None, amount_to_prune=0.5).prepare(_model()):
         pass
 
 
@@ -149,6 +161,48 @@ ROWS: list[tuple[str, Callable[[], Any], type, type, str]] = [
         errors.IncompatibleInputsError,
         ValueError,
         r"Cannot publish the cache under 'cache'.*batch shape \(3,\).*Read context\.cache instead",
+    ),
+    (
+        "pruning-importance-not-callable",
+        lambda: Pruning("magnitude", amount_to_prune=0.5),
+        errors.InvalidInputError,
+        TypeError,
+        r"importance_callback must be callable .*got str\. Pass None for magnitude pruning",
+    ),
+    (
+        "pruning-no-amount",
+        lambda: Pruning(None),
+        PruningSpecError,
+        ValueError,
+        r"`amount_to_prune` is required for global pruning: pass e\.g\. amount_to_prune=0\.3",
+    ),
+    (
+        "pruning-structured-no-amount",
+        lambda: Pruning(None, modules_to_prune={"0": (0, None)}),
+        PruningSpecError,
+        ValueError,
+        r"modules_to_prune\['0'\] has no amount and amount_to_prune is None\. Give one of them",
+    ),
+    (
+        "pruning-nothing-scored",
+        _prune_nothing,
+        PruningSpecError,
+        ValueError,
+        r"Nothing to prune: importance_callback returned None .*Return a score",
+    ),
+    (
+        "task-vector-of-a-tensor",
+        lambda: _task_vector_of(torch.zeros(3)),
+        errors.InvalidInputError,
+        TypeError,
+        r"nn\.Module .* or a TensorDict of weights, got Tensor tensor\(\[0\., 0\., 0\.\]\)\. Pass the fine-tuned",
+    ),
+    (
+        "task-vectors-accuracy-not-callable",
+        lambda: TaskVectors([1.0], 0.9, lambda h: True),
+        errors.InvalidInputError,
+        TypeError,
+        r"get_test_accuracy must be callable as get_test_accuracy\(hooked\) -> float, got float 0\.9\. Pass",
     ),
     (
         "unraveled-key-constructor",

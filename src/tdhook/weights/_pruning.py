@@ -25,7 +25,7 @@ from .._core.factory import HookingContextFactory
 from .._core.hooked import HookedModule
 from .._core.lifecycle import HookingContext
 from .._core.paths import resolve_path
-from ..errors import TdhookError
+from ..errors import InvalidInputError, TdhookError
 from ._edits import WeightMask
 
 __all__ = ["Pruning", "PruningAmountError", "PruningContext", "PruningSpecError"]
@@ -114,7 +114,7 @@ class Pruning(HookingContextFactory):
             model). Module names are relative to it.
 
     Raises:
-        ValueError: If neither ``amount_to_prune`` nor ``modules_to_prune`` is given, or a
+        PruningSpecError: If neither ``amount_to_prune`` nor ``modules_to_prune`` is given, or a
             structured entry has no amount.
         PruningAmountError: If an amount is outside [0, 1] (fractions) or negative (counts).
         PruningSpecError: At enter, before any edit: a structured ``dim`` outside a weight's
@@ -145,14 +145,14 @@ class Pruning(HookingContextFactory):
         relative_path: str | None = None,
     ) -> None:
         if importance_callback is not None and not callable(importance_callback):
-            raise TypeError(
+            raise InvalidInputError(
                 "importance_callback must be callable as (module_key, parameter_name, parameter) -> score, "
                 f"got {type(importance_callback).__name__}. Pass None for magnitude pruning."
             )
         self._importance = importance_callback or magnitude_importance
         self._amount = _check_amount(amount_to_prune, "amount_to_prune")
         if self._amount is None and modules_to_prune is None:
-            raise ValueError(
+            raise PruningSpecError(
                 "`amount_to_prune` is required for global pruning: pass e.g. amount_to_prune=0.3, "
                 "or modules_to_prune={'layer': (dim, amount)} for structured pruning."
             )
@@ -172,7 +172,7 @@ class Pruning(HookingContextFactory):
                 amount = _check_amount(spec[1], f"modules_to_prune[{path!r}] amount")
                 amount = amount if amount is not None else self._amount
                 if amount is None:
-                    raise ValueError(
+                    raise PruningSpecError(
                         f"modules_to_prune[{path!r}] has no amount and amount_to_prune is None. "
                         "Give one of them."
                     )
@@ -249,7 +249,7 @@ class Pruning(HookingContextFactory):
                     names.append(full)
                     scores.append(score)
         if not scores:
-            raise ValueError(
+            raise PruningSpecError(
                 "Nothing to prune: importance_callback returned None for every parameter (or skip_modules "
                 "skipped every module). Return a score for the parameters to prune."
             )

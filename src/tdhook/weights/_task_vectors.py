@@ -106,9 +106,10 @@ class TaskVectorsModule(HookedModule):
         elif isinstance(finetuned, TensorDictBase):
             other = finetuned
         else:
-            raise TypeError(
+            raise InvalidInputError(
                 f"Expected a fine-tuned nn.Module (same architecture) or a TensorDict of weights, got "
-                f"{type(finetuned).__name__}."
+                f"{type(finetuned).__name__} {finetuned!r:.40}. Pass the fine-tuned model, or "
+                "TensorDict.from_module(finetuned)."
             )
         self._check_like_weights(other, "The fine-tuned weights")
         return other
@@ -292,7 +293,10 @@ class TaskVectors(HookingContextFactory):
             ("get_control_adequacy", get_control_adequacy),
         ):
             if not callable(fn):
-                raise TypeError(f"{name} must be callable as {name}(hooked), got {type(fn).__name__}.")
+                raise InvalidInputError(
+                    f"{name} must be callable as {name}(hooked) -> float, got {type(fn).__name__} {fn!r:.40}. "
+                    f"Pass a function, e.g. {name}=lambda hooked: 0.9."
+                )
         self._alphas = [float(a) for a in alphas]
         self._accuracy = get_test_accuracy
         self._adequacy = get_control_adequacy

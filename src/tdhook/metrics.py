@@ -16,6 +16,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
+from ._core.keys import DEFAULT_OUT_KEY
 from .attribution import AttributionKeys
 from .errors import InvalidInputError, MissingKeyError, TdhookError
 
@@ -201,7 +202,7 @@ class InfidelityMetric:
         noise_std: float = 0.01,
         *,
         attr_key: str = _KEYS.attr,
-        output_key: NestedKey = "output",
+        output_key: NestedKey = DEFAULT_OUT_KEY,
         target: int | None = None,
         target_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
         input_keys: Sequence[NestedKey] | None = None,

@@ -90,10 +90,7 @@ def other_dtype(draw: Any) -> tuple[Transform, str]:
         return td
 
     name = str(dtype).removeprefix("torch.")
-    return (
-        transform,
-        rf"(?i){name}|{ {'float16': 'half', 'bfloat16': 'bfloat', 'float64': 'double', 'int64': 'long'}[name] }",
-    )
+    return transform, rf"(?i){name}|{_TORCH_NAMES[name]}"
 
 
 def _first_rows_none(td: TensorDictBase) -> TensorDictBase:

@@ -60,12 +60,13 @@ def as_tensor(x: Any, *, name: str) -> Tensor:
         ) from err
 
 
-def check_finite(x: Tensor, *, name: str) -> None:
+def check_finite(x: Tensor, *, name: str, expected: str | None = None) -> None:
     """Raise :class:`NonFiniteInputError` if ``x`` holds a NaN or an infinity.
 
     Args:
         x: The tensor to check.
         name: How the message names it (a TensorDict key or an argument name).
+        expected: What the message says instead of the default expectation and fix.
 
     Raises:
         NonFiniteInputError: With the number of bad values and a fix.
@@ -78,8 +79,11 @@ def check_finite(x: Tensor, *, name: str) -> None:
             n_bad = int((~finite).sum())
             raise NonFiniteInputError(
                 f"{name} contains {n_bad} non-finite value(s) (NaN or inf) out of {x.numel()}; "
-                f"finite values are required. Drop or impute them first, e.g. keep the rows "
-                f"x[torch.isfinite(x).all(-1)]."
+                + (
+                    expected
+                    or "finite values are required. Drop or impute them first, e.g. keep the rows "
+                    "x[torch.isfinite(x).all(-1)]."
+                )
             )
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ...errors import InsufficientSamplesError, NonFiniteInputError, ProbingError
+from ..._checks import check_finite
+from ...errors import InsufficientSamplesError, ProbingError
 
 __all__ = ["StepType", "check_probe_inputs", "default_preprocess", "require_labels", "run_step"]
 
@@ -68,12 +69,12 @@ def _as_checkable(value: Any) -> torch.Tensor | None:
     return None
 
 
-def check_probe_inputs(xs: tuple[Any, ...], labels: Any, step: StepType, check_finite: bool) -> None:
+def check_probe_inputs(xs: tuple[Any, ...], labels: Any, step: StepType, finite: bool) -> None:
     """Refuse an empty batch, and NaN/Inf activations or labels, before the estimator sees them.
 
     Raises:
         InsufficientSamplesError: If an input has 0 samples (rows).
-        NonFiniteInputError: If ``check_finite`` and an input (or, when fitting, a label) is NaN/Inf.
+        NonFiniteInputError: If ``finite`` and an input (or, when fitting, a label) is NaN/Inf.
     """
     names = ("X",) if len(xs) == 1 else tuple(f"h{i + 1}" for i in range(len(xs)))
     for name, value in zip(names, xs, strict=True):
@@ -85,24 +86,19 @@ def check_probe_inputs(xs: tuple[Any, ...], labels: Any, step: StepType, check_f
                 f"The probe's input {name} has 0 samples (shape {tuple(x.shape)}): the batch is empty, so there is "
                 f"nothing to {step.value} on. Call the hooked model on a batch with at least one sample."
             )
-        if check_finite:
-            _check_finite(x, name, "activations", step)
+        if finite:
+            check_finite(x, name=name, expected=_nonfinite_fix(step, "activations"))
     y = _as_checkable(labels) if step is not StepType.PREDICT else None
-    if check_finite and y is not None:
-        _check_finite(y, "labels", "labels", step)
+    if finite and y is not None:
+        check_finite(y, name="labels", expected=_nonfinite_fix(step, "labels"))
 
 
-def _check_finite(x: torch.Tensor, name: str, what: str, step: StepType) -> None:
-    if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x.sum())):
-        return  # a finite sum proves every entry finite (NaN and inf propagate)
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):  # else: the sum overflowed on finite values
-        raise NonFiniteInputError(
-            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf) out of {x.numel()}; the "
-            f"estimator cannot {step.value} on {what} that are not finite. Find where they appear (the model's "
-            "inputs or weights) and drop those samples, or pass check_finite=False to the probe manager if the "
-            "estimator handles NaN itself."
-        )
+def _nonfinite_fix(step: StepType, what: str) -> str:
+    return (
+        f"the estimator cannot {step.value} on {what} that are not finite. Find where they appear (the "
+        "model's inputs or weights) and drop those samples, or pass check_finite=False to the probe manager "
+        "if the estimator handles NaN itself."
+    )
 
 
 def run_step(

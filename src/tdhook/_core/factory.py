@@ -35,6 +35,27 @@ class HookingContextFactory:
     #: True for methods that keep no per-call state on the instance, so that one instance may be
     #: active in contexts of several threads at once; others refuse a second thread.
     _thread_safe = False
+    #: The TensorDict that a context with a cache (:class:`HookingContextWithCache`) uses; None:
+    #: a new one per context. Read by contexts through :attr:`context_cache`.
+    _cache: TensorDictBase | None = None
+    #: Whether such a context clears its cache at every enter; None: the context's own default.
+    _clear_cache: bool | None = None
+
+    # -- what a factory exposes to its contexts ----------------------------------------------------
+    @property
+    def components(self) -> tuple[HookingContextFactory, ...]:
+        """The methods a context of this factory runs, in order: ``(self,)``; a composite's parts."""
+        return (self,)
+
+    @property
+    def context_cache(self) -> TensorDictBase | None:
+        """The cache TensorDict this method's contexts use (None: a new one per context)."""
+        return self._cache
+
+    @property
+    def clears_cache(self) -> bool | None:
+        """Whether this method's contexts clear their cache at enter (None: the context decides)."""
+        return self._clear_cache
 
     def prepare(
         self,
@@ -69,10 +90,12 @@ class HookingContextFactory:
 
     # -- extension points ------------------------------------------------------------------------
     def _plan(self, hooked: HookedModule) -> Iterable[Installable]:
-        """Return what to install on the model (hooks, reversible edits). Called once per enter."""
-        if type(self)._hook_module is not HookingContextFactory._hook_module:
-            return [_Deferred(functools.partial(self._hook_module, hooked))]
-        return ()
+        """Return what to install on the model (hooks, reversible edits). Called once per enter.
+
+        The default installs what the legacy :meth:`_hook_module` registers (nothing, unless a
+        subclass overrides it).
+        """
+        return [_Deferred(functools.partial(self._hook_module, hooked))]
 
     def _hook_module(self, hooked: HookedModule) -> Any:
         """Legacy extension point (tdhook 0.1): register hooks and return a removable handle."""
@@ -81,7 +104,10 @@ class HookingContextFactory:
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
     ) -> Any:
-        """Run one call. The default runs the model once on ``td``."""
+        """Run one call around ``call_next`` (the next method of a composition, or the model).
+
+        The default runs ``call_next`` once on ``td``.
+        """
         return call_next(td, **kwargs)
 
     def _enter(self, context: HookingContext) -> None:
@@ -93,9 +119,6 @@ class HookingContextFactory:
 
 class _CompositeContext(HookingContextWithCache):
     """The context of a :class:`CompositeHookingContextFactory`: every component, one cache."""
-
-    def _factories(self) -> list[HookingContextFactory]:
-        return list(self.factory.factories)  # type: ignore[attr-defined]
 
 
 def _flatten_factories(factories: Iterable[Any]) -> list[HookingContextFactory]:
@@ -188,4 +211,8 @@ class CompositeHookingContextFactory(HookingContextFactory):
     @property
     def factories(self) -> tuple[HookingContextFactory, ...]:
         """The components, in call and installation order (nested composites flattened)."""
+        return self._factories
+
+    @property
+    def components(self) -> tuple[HookingContextFactory, ...]:
         return self._factories

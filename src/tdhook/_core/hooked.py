@@ -172,7 +172,7 @@ class HookedModule(TensorDictModuleWrapper):
                 if clearer is None:
                     raise
                 raise clearer from error
-        if chain is not None and ctx is not None and ctx.factory._needs_tensordict:
+        if ctx is not None and ctx.factory._needs_tensordict:
             raise InvalidInputError(
                 f"{type(ctx.factory).__name__} needs a TensorDict input, got "
                 f"{', '.join(type(a).__name__ for a in args) or 'keyword arguments'}. "

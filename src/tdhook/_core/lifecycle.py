@@ -96,8 +96,8 @@ class HookingContext:
     def hooked_module(self) -> HookedModule | None:
         return self._hooked
 
-    def _factories(self) -> list[HookingContextFactory]:
-        return [self.factory]
+    def _factories(self) -> tuple[HookingContextFactory, ...]:
+        return self.factory.components
 
     def __enter__(self) -> HookedModule:
         if self.is_active:
@@ -151,16 +151,12 @@ class HookingContext:
         self._managed = True
         return hooked
 
-    def _build_chain(self, hooked: HookedModule) -> Callable[..., Any] | None:
-        from .factory import HookingContextFactory  # the factory module imports this one
-
+    def _build_chain(self, hooked: HookedModule) -> Callable[..., Any]:
+        """Each factory's ``_call`` around the next one's; the last one's ``call_next`` runs the model."""
         chain: Callable[..., Any] = hooked._call_model
-        custom = False
         for f in reversed(self._factories()):
-            if type(f)._call is not HookingContextFactory._call:
-                custom = True
             chain = functools.partial(f._call, hooked, call_next=chain)
-        return chain if custom else None
+        return chain
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         hooked = self._hooked
@@ -224,8 +220,9 @@ class HookingContextWithCache(HookingContext):
         clear_cache: bool = True,
     ) -> None:
         super().__init__(factory, module, extra_relative_path, in_keys, out_keys)
-        cache = getattr(factory, "_cache", None) if cache is None else cache
-        clear_cache = getattr(factory, "_clear_cache", clear_cache)
+        cache = factory.context_cache if cache is None else cache
+        if factory.clears_cache is not None:
+            clear_cache = factory.clears_cache
         if cache is not None and not isinstance(cache, TensorDictBase):
             raise InvalidInputError(f"cache must be a TensorDict, got {type(cache).__name__}.")
         self._cache: TensorDictBase = TensorDict() if cache is None else cache

@@ -11,10 +11,11 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from tdhook.contexts import CompositeHookingContextFactory, HookingContextFactory
+from tdhook.core import HookedModule
 from tdhook.errors import InvalidInputError
 from tdhook.latent import ActivationAddition, ActivationCaching, ActivationPatching, SteeringVectors
-from tdhook.weights import Adapters, Pruning, TaskVectors
-from tdhook.weights.adapters import HookedModuleWithAdapters
+from tdhook.weights import Adapters, Pruning
+from tdhook.weights.adapters import AdapterSet
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_attribution_composes_with_steering(model) -> None:
     torch.testing.assert_close(out["attr", "input"], grad)
 
 
-def test_weight_edits_compose_and_pick_the_hooked_module_class(model, td) -> None:
+def test_weight_edits_compose_with_extensions(model, td) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     adapter = nn.Linear(8, 8)
     composite = CompositeHookingContextFactory(
@@ -158,7 +159,7 @@ def test_weight_edits_compose_and_pick_the_hooked_module_class(model, td) -> Non
     )
     with composite.prepare(model) as hooked:
         out = hooked(td)
-        assert isinstance(hooked, HookedModuleWithAdapters)
+        assert hooked.extension(AdapterSet).adapter("block.2") is adapter
         assert hooked.adapter("block.2") is adapter
         pruned = [p.detach().clone() for p in model.parameters()]
     assert sum(int((p == 0).sum()) for p in pruned) == round(0.5 * sum(p.numel() for p in pruned))
@@ -177,6 +178,22 @@ def test_bad_compositions(model) -> None:
         CompositeHookingContextFactory()
     with pytest.raises(InvalidInputError, match="method instances"):
         CompositeHookingContextFactory(ActivationCaching)  # type: ignore[arg-type]
-    tasks = TaskVectors([1.0], lambda h: 0.0, lambda h: True)
+    # Methods attach extensions, but a (legacy) method may still declare its own hooked-module
+    # class; two unrelated ones cannot be combined.
+
+    class ModuleA(HookedModule):
+        pass
+
+    class ModuleB(HookedModule):
+        pass
+
+    class MethodA(HookingContextFactory):
+        _hooked_module_class = ModuleA
+
+    class MethodB(HookingContextFactory):
+        _hooked_module_class = ModuleB
+
     with pytest.raises(ValueError, match="unrelated hooked-module classes"):
-        CompositeHookingContextFactory(Adapters({"a": (nn.Identity(), "0", "0")}), tasks)
+        CompositeHookingContextFactory(MethodA(), MethodB())
+    with CompositeHookingContextFactory(MethodA(), ActivationCaching("0")).prepare(model) as hooked:
+        assert type(hooked) is ModuleA

@@ -36,6 +36,7 @@ from __future__ import annotations
 from ._core.boundary import wrap_module
 from ._core.cache import CacheProxy, MutableWeakRef, TensorDictRef
 from ._core.directions import HandleGroup, HookDirection, HookSpec, Installable, install, register
+from ._core.extensions import Extension
 from ._core.factory import CompositeHookingContextFactory, HookingContextFactory
 from ._core.hook_types import CachingHook, EarlyStoppingException, ReadingHook, SettingHook, StoppingHook
 from ._core.hooked import HookedModule
@@ -52,6 +53,7 @@ __all__ = [
     "CachingHook",
     "CompositeHookingContextFactory",
     "EarlyStoppingException",
+    "Extension",
     "HandleGroup",
     "HookDirection",
     "HookSpec",

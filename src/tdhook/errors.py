@@ -18,6 +18,7 @@ __all__ = [
     "DeadReferenceError",
     "DistributedNotInitializedError",
     "DtypeMismatchError",
+    "ExtensionConflictError",
     "HookSignatureError",
     "InPlaceModificationError",
     "IncompatibleInputsError",
@@ -81,6 +82,10 @@ class DeadReferenceError(ContextStateError, ValueError):
 
 class ConcurrencyError(ContextStateError):
     """Two threads would share hooks, edits or per-call state that cannot be kept apart."""
+
+
+class ExtensionConflictError(ContextStateError, ValueError):
+    """Two methods in one context would add the same name to the hooked module."""
 
 
 class CompiledModelError(TdhookError, TypeError):

@@ -9,7 +9,7 @@ from torch import nn
 
 from tdhook.errors import InvalidInputError, MissingKeyError, ModulePathError
 from tdhook.weights import Adapters
-from tdhook.weights.adapters import AdapterError, HookedModuleWithAdapters
+from tdhook.weights.adapters import AdapterError, AdapterSet
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_same_layer_adapter_matches_a_plain_hook(model) -> None:
     handle.remove()
     with Adapters({"sae.layer.2": (adapter, "2", "2")}).prepare(model) as hooked:
         out = hooked(data())
-        assert isinstance(hooked, HookedModuleWithAdapters)
+        assert hooked.extension(AdapterSet).adapter("sae.layer.2") is adapter
         assert hooked.adapter("sae.layer.2") is adapter
         assert hooked.adapter_names == ["sae.layer.2"]
         assert dict(hooked.named_adapters()) == {"sae.layer.2": adapter}
@@ -156,3 +156,15 @@ def test_bad_inputs(model) -> None:
     wrong = Adapters({"a": (lambda x: (x, x), "0", "0")})
     with wrong.prepare(model) as hooked, pytest.raises(RuntimeError, match="type tuple"):
         hooked(data())
+
+
+def test_hooked_module_with_adapters_works_without_a_context(model) -> None:
+    from tdhook.weights.adapters import HookedModuleWithAdapters
+
+    hooked = HookedModuleWithAdapters.from_module(model)
+    adapter = Plain()
+    hooked.add_adapter("a.b", adapter)
+    assert hooked.adapter("a.b") is adapter
+    assert hooked.adapter_names == ["a.b"]
+    assert hooked.extension(AdapterSet).adapter("a.b") is adapter
+    assert any(n.startswith("adapters.") for n, _ in hooked.named_parameters())

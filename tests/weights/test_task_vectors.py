@@ -18,6 +18,7 @@ from tdhook.weights.task_vectors import (
     TaskVectorError,
     TaskVectorsContext,
     TaskVectorsModule,
+    TaskVectorTools,
 )
 
 
@@ -58,7 +59,7 @@ def distance_to(target: torch.Tensor):
 
 def test_vectors_are_weight_differences(model, finetuned) -> None:
     with TaskVectors([1.0], lambda h: 0.0, lambda h: True).prepare(model) as hooked:
-        assert isinstance(hooked, TaskVectorsModule)
+        assert isinstance(hooked.extension(TaskVectorTools), TaskVectorTools)
         vector = hooked.get_task_vector(finetuned)
         forget = hooked.get_forget_vector(finetuned)
         for name, p in finetuned.named_parameters():
@@ -167,7 +168,7 @@ def test_composed_task_vectors_find_their_factory(model, finetuned) -> None:
     method = TaskVectors([0.5, 1.0], lambda h: 0.0, lambda h: True)
     composite = CompositeHookingContextFactory(ActivationCaching("0"), method)
     with composite.prepare(model) as hooked:
-        assert isinstance(hooked, TaskVectorsModule)
+        assert isinstance(hooked.extension(TaskVectorTools), TaskVectorTools)
         vector = hooked.get_task_vector(finetuned)
         hooked.get_weights(vector)
     assert len(method.search_results) == 2

@@ -170,14 +170,17 @@ class CompositeHookingContextFactory(HookingContextFactory):
        cache holds the values of the last run (the patched one).
 
     The context has a ``.cache`` shared with caching components. Nested composites are
-    flattened. The hooked module is the most derived class the components need (e.g.
-    ``HookedModuleWithAdapters`` when ``Adapters`` is one of them).
+    flattened. Methods add what they need to the hooked module as *extensions* (e.g. the
+    adapters of ``Adapters``, the task-vector tools of ``TaskVectors``; see
+    :mod:`tdhook._core.extensions`), so any two methods compose; a composite of weight edits
+    behaves like nested ``with`` blocks in list order. A (legacy) method that declares its own
+    hooked-module class gets the most derived one of those declared.
 
     Args:
         *factories: The methods to compose (configured instances).
 
     Raises:
-        ValueError: With no factory, or with components needing unrelated hooked-module classes.
+        ValueError: With no factory, or with components declaring unrelated hooked-module classes.
         InvalidInputError: If an argument is not a method instance.
 
     Examples:

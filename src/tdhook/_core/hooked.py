@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import (
     ConcurrencyError,
     ContextStateError,
+    ExtensionConflictError,
     InvalidInputError,
     TdhookError,
     TdhookWarning,
@@ -28,6 +29,7 @@ from . import keys as _keys
 from .boundary import _check_dtype, _direct_call, _direct_module, _unhooked, explain_input_error, wrap_module
 from .cache import CacheProxy, check_cache
 from .directions import HookDirection, register
+from .extensions import Extension
 from .forward_state import CallTracker, ForwardState, ThreadGate
 from .hook_types import CachingHook, SettingHook, StoppingHook
 from .paths import resolve_path
@@ -41,6 +43,7 @@ __all__ = ["ROOT_NAME", "HookedModule"]
 
 ROOT_NAME = "td_module"
 _S = TypeVar("_S")
+_E = TypeVar("_E", bound=Extension)
 
 
 class HookedModule(TensorDictModuleWrapper):
@@ -70,6 +73,8 @@ class HookedModule(TensorDictModuleWrapper):
         self.__dict__["_relative_path"] = relative_path
         self.__dict__["_call_chain"] = None
         self.__dict__["_direct"] = _direct_module(td_module)
+        self.__dict__["_extensions"] = {}
+        self.__dict__["_exposed"] = {}
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -128,6 +133,63 @@ class HookedModule(TensorDictModuleWrapper):
         if state is None:
             state = states[id(owner)] = make()
         return state
+
+    # -- extensions (see tdhook._core.extensions) ------------------------------------------------
+    def use_extension(self, kind: type[_E]) -> _E:
+        """This module's extension of type ``kind``, created (``kind(self)``) on first use.
+
+        Methods call it while they plan; two methods of one kind share the extension.
+
+        Raises:
+            ExtensionConflictError: If ``kind`` exposes a name that another attached extension,
+                or the hooked module itself, already provides.
+        """
+        extensions: dict[type[Extension], Extension] = self.__dict__["_extensions"]
+        found = extensions.get(kind)
+        if found is not None:
+            return found  # type: ignore[return-value]
+        exposed: dict[str, Extension] = self.__dict__["_exposed"]
+        for name in kind.exposes:
+            owner = exposed.get(name)
+            if owner is not None or hasattr(HookedModule, name):
+                by = f"the {type(owner).__name__} extension" if owner is not None else "HookedModule itself"
+                raise ExtensionConflictError(
+                    f"Cannot attach {kind.__name__}: the name {name!r} it exposes is already provided by {by}. "
+                    "Use the two methods in nested `with` blocks, or expose another name."
+                )
+        extension = kind(self)
+        extensions[kind] = extension
+        for name in kind.exposes:
+            exposed[name] = extension
+        return extension
+
+    def extension(self, kind: type[_E]) -> _E:
+        """This module's extension of type ``kind`` (attached by the method that uses it).
+
+        Raises:
+            ContextStateError: If no method attached one; the message lists the attached ones.
+        """
+        found = self.__dict__["_extensions"].get(kind)
+        if found is None:
+            attached = [k.__name__ for k in self.__dict__["_extensions"]]
+            raise ContextStateError(
+                f"This hooked module has no {kind.__name__} extension (attached: {attached}). It is added by the "
+                f"method that uses it: prepare the model with that method, alone or in a composite."
+            )
+        return found
+
+    @property
+    def extensions(self) -> tuple[Extension, ...]:
+        """The attached extensions, in attachment order."""
+        return tuple(self.__dict__["_extensions"].values())
+
+    def __getattr__(self, name: str) -> Any:
+        exposed = self.__dict__.get("_exposed")
+        if exposed:
+            owner = exposed.get(name)
+            if owner is not None:
+                return getattr(owner, name)
+        return super().__getattr__(name)
 
     def inplace_modules(self) -> list[nn.Module]:
         """Submodules of the user model that modify their input in place (``inplace=True``), found once."""

@@ -3,7 +3,8 @@
 An adapter ``(adapter, in_module, out_module)`` replaces ``out_module``'s value (its output, for
 the default ``"fwd"`` direction) by ``adapter(value_of_in_module, **declared_keywords)``. The
 adapters live in ``hooked.adapters`` (an ``nn.ModuleDict`` on the hooked module, not on the
-user's model), so their parameters appear in ``hooked.parameters()`` and can be trained.
+user's model, held by the :class:`AdapterSet` extension), so their parameters appear in
+``hooked.parameters()`` and can be trained.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from .._core.cache import CacheProxy, TensorDictRef
 from .._core.directions import HookDirection, HookSpec
+from .._core.extensions import Extension
 from .._core.factory import HookingContextFactory
 from .._core.hook_types import CachingHook, SettingHook
 from .._core.hooked import ROOT_NAME, HookedModule
@@ -25,7 +27,7 @@ from .._core.paths import resolve_path
 from .._core.signatures import check_callback, declared_keywords
 from ..errors import ContextStateError, InvalidInputError, MissingKeyError, TdhookError, nearest
 
-__all__ = ["AdapterError", "Adapters", "HookedModuleWithAdapters"]
+__all__ = ["AdapterError", "AdapterSet", "Adapters", "HookedModuleWithAdapters"]
 
 
 class AdapterError(TdhookError, RuntimeError):
@@ -44,11 +46,58 @@ def _module_dict_key(name: str) -> str:
     return key
 
 
-class HookedModuleWithAdapters(HookedModule):
-    """A hooked module holding adapters in ``self.adapters`` (an ``nn.ModuleDict``).
+class AdapterSet(Extension):
+    """The adapters of one context: an ``nn.ModuleDict`` registered on the hooked module as
+    ``hooked.adapters`` (so ``hooked.parameters()`` includes them and they can be trained).
 
-    Adapter names may contain dots; ``adapters`` uses escaped keys, and :meth:`adapter`,
-    :meth:`named_adapters` and :attr:`adapter_names` use the names you gave.
+    Adapter names may contain dots; ``hooked.adapters`` uses escaped keys, and :meth:`adapter`,
+    :meth:`named_adapters` and :attr:`adapter_names` use the names you gave. The hooked module
+    forwards these names (``hooked.adapter("sae")``); ``hooked.extension(AdapterSet)`` is the
+    typed way to reach them.
+    """
+
+    exposes = ("add_adapter", "adapter", "adapter_names", "named_adapters")
+
+    def __init__(self, hooked: HookedModule) -> None:
+        super().__init__(hooked)
+        self.modules = nn.ModuleDict()
+        hooked.add_module("adapters", self.modules)
+        self._keys: dict[str, str] = {}
+
+    def add_adapter(self, name: str, adapter: nn.Module) -> None:
+        """Register ``adapter`` under ``name`` (any string, dots included)."""
+        key = _module_dict_key(name)
+        self.modules[key] = adapter
+        self._keys[name] = key
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._keys)
+
+    def adapter(self, name: str) -> nn.Module:
+        """The adapter registered under ``name``.
+
+        Raises:
+            MissingKeyError: For an unknown name; the message lists the nearest names.
+        """
+        if name not in self._keys:
+            raise MissingKeyError(
+                f"No adapter named {name!r}; adapters: {nearest(name, list(self._keys))}. Use a name given to Adapters."
+            )
+        return self.modules[self._keys[name]]
+
+    def named_adapters(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, adapter)`` pairs, with the names you gave."""
+        for name, key in self._keys.items():
+            yield name, self.modules[key]
+
+
+class HookedModuleWithAdapters(HookedModule):
+    """A hooked module with an :class:`AdapterSet`, for use without a context (tdhook 0.1 name).
+
+    Inside ``with Adapters(...).prepare(model) as hooked:``, ``hooked`` is a plain
+    :class:`~tdhook.core.HookedModule` carrying the :class:`AdapterSet` extension, so that
+    Adapters composes with every other method; the names below work on both.
     """
 
     def __init__(
@@ -60,36 +109,23 @@ class HookedModuleWithAdapters(HookedModule):
         out_keys: Sequence[Any] | None = None,
     ) -> None:
         super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
-        self.adapters = nn.ModuleDict()
-        self.__dict__["_adapter_keys"] = {}
+        self.use_extension(AdapterSet)
 
     def add_adapter(self, name: str, adapter: nn.Module) -> None:
-        """Register ``adapter`` under ``name`` (any string, dots included)."""
-        key = _module_dict_key(name)
-        self.adapters[key] = adapter
-        self.__dict__["_adapter_keys"][name] = key
+        """Register ``adapter`` under ``name`` (see :meth:`AdapterSet.add_adapter`)."""
+        self.extension(AdapterSet).add_adapter(name, adapter)
 
     @property
     def adapter_names(self) -> list[str]:
-        return list(self.__dict__["_adapter_keys"])
+        return self.extension(AdapterSet).adapter_names
 
     def adapter(self, name: str) -> nn.Module:
-        """The adapter registered under ``name``.
-
-        Raises:
-            MissingKeyError: For an unknown name; the message lists the nearest names.
-        """
-        keys = self.__dict__["_adapter_keys"]
-        if name not in keys:
-            raise MissingKeyError(
-                f"No adapter named {name!r}; adapters: {nearest(name, list(keys))}. Use a name given to Adapters."
-            )
-        return self.adapters[keys[name]]
+        """The adapter registered under ``name`` (see :meth:`AdapterSet.adapter`)."""
+        return self.extension(AdapterSet).adapter(name)
 
     def named_adapters(self) -> Iterator[tuple[str, nn.Module]]:
         """``(name, adapter)`` pairs, with the names you gave."""
-        for name, key in self.__dict__["_adapter_keys"].items():
-            yield name, self.adapters[key]
+        return self.extension(AdapterSet).named_adapters()
 
 
 def _keywords(adapter: Callable[..., Any], direction: HookDirection) -> tuple[str, ...]:
@@ -167,7 +203,6 @@ class Adapters(HookingContextFactory):
     """
 
     _hooking_context_class = HookingContextWithCache
-    _hooked_module_class = HookedModuleWithAdapters
 
     def __init__(
         self,
@@ -212,11 +247,7 @@ class Adapters(HookingContextFactory):
         return dict(self._adapters)
 
     def _plan(self, hooked: HookedModule) -> list[HookSpec]:
-        if not isinstance(hooked, HookedModuleWithAdapters):
-            raise ContextStateError(
-                f"Adapters needs a HookedModuleWithAdapters, got {type(hooked).__name__}. Prepare it with "
-                "Adapters(...).prepare(model) or a CompositeHookingContextFactory."
-            )
+        adapter_set = hooked.use_extension(AdapterSet)
         context = hooked.hooking_context
         cache = self._cache
         if cache is None:
@@ -228,7 +259,7 @@ class Adapters(HookingContextFactory):
         cross: list[str] = []
         for name, (adapter, in_key, out_key) in self._adapters.items():
             if isinstance(adapter, nn.Module):
-                hooked.add_adapter(name, adapter)
+                adapter_set.add_adapter(name, adapter)
             in_module, out_module = resolve_path(root, in_key), resolve_path(root, out_key)
             for d in self._directions:
                 value_param = d.value_param

@@ -24,6 +24,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._core.directions import Installable
+from .._core.extensions import Extension
 from .._core.factory import HookingContextFactory
 from .._core.hooked import ROOT_NAME, HookedModule
 from .._core.lifecycle import HookingContext
@@ -33,6 +34,7 @@ from ._edits import ParameterSnapshot, WeightSwap, named_tensors
 __all__ = [
     "NoAdequateAlphaError",
     "TaskVectorError",
+    "TaskVectorTools",
     "TaskVectors",
     "TaskVectorsContext",
     "TaskVectorsModule",
@@ -64,8 +66,7 @@ def _weights_of(tensors: dict[str, torch.Tensor]) -> TensorDict:
 def _find_factory(hooked: HookedModule) -> TaskVectors:
     context = hooked.hooking_context
     if context is not None:
-        factories = getattr(context.factory, "factories", (context.factory,))
-        for factory in factories:
+        for factory in context.factory.components:
             if isinstance(factory, TaskVectors):
                 return factory
     raise ContextStateError(
@@ -74,31 +75,37 @@ def _find_factory(hooked: HookedModule) -> TaskVectors:
     )
 
 
-class TaskVectorsModule(HookedModule):
-    """A hooked module that builds and applies task vectors.
+class TaskVectorTools(Extension):
+    """Builds and applies task vectors on a hooked module (the extension :class:`TaskVectors` adds).
 
-    ``weights`` is the model's state when the context was entered (detached, sharing memory
-    with the model: nothing is copied).
+    ``weights`` is the model's state when TaskVectors' edits were installed (in a composite:
+    after the edits of the methods listed before it, as with nested ``with`` blocks), detached
+    and sharing memory with the tensors of that moment: nothing is copied. The hooked module
+    forwards the names in :attr:`exposes` (``hooked.get_task_vector(...)``);
+    ``hooked.extension(TaskVectorTools)`` is the typed way to reach them.
     """
 
-    def __init__(
-        self,
-        td_module: Any,
-        hooking_context: Any = None,
-        relative_path: str = ROOT_NAME,
-        in_keys: Sequence[Any] | None = None,
-        out_keys: Sequence[Any] | None = None,
-    ) -> None:
-        super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
-        tensors = named_tensors(self.root)
-        self.__dict__["_names"] = list(tensors)
-        self.__dict__["_weights"] = _weights_of(tensors)
-        self.__dict__["_open_swaps"] = []
+    exposes = ("get_forget_vector", "get_task_vector", "get_weights", "weights", "with_applied_vectors")
+
+    def __init__(self, hooked: HookedModule) -> None:
+        super().__init__(hooked)
+        self._names: list[str] = []
+        self._weights: TensorDict | None = None
+        self._open_swaps: list[Any] = []
+
+    def capture(self) -> None:
+        """Take the weights now, unless they were taken already (idempotent)."""
+        if self._weights is None:
+            tensors = named_tensors(self.hooked.root)
+            self._names = list(tensors)
+            self._weights = _weights_of(tensors)
 
     @property
     def weights(self) -> TensorDict:
-        """The weights at enter, keyed like the model (``("0", "weight")``)."""
-        return self.__dict__["_weights"]
+        """The weights TaskVectors works from, keyed like the model (``("0", "weight")``)."""
+        self.capture()
+        assert self._weights is not None
+        return self._weights
 
     def _as_weights(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
         if isinstance(finetuned, nn.Module):
@@ -177,7 +184,7 @@ class TaskVectorsModule(HookedModule):
         for vector in vectors[1:]:
             total = total + vector
         if alpha is None:
-            alpha = _find_factory(self).compute_alpha(self, total)
+            alpha = _find_factory(self.hooked).compute_alpha(self.hooked, total)
         weights = self.weights + alpha * total
         self._check_like_weights(weights, f"The weights for alpha={alpha}")
         return weights
@@ -185,14 +192,18 @@ class TaskVectorsModule(HookedModule):
     @contextlib.contextmanager
     def with_applied_vectors(
         self, *vectors: TensorDictBase, alpha: float | None = None
-    ) -> Iterator[TaskVectorsModule]:
-        """Load ``weights + alpha * sum(vectors)`` into the model for the ``with`` body, then restore."""
+    ) -> Iterator[HookedModule]:
+        """Load ``weights + alpha * sum(vectors)`` into the model for the ``with`` body, then restore.
+
+        The values are absolute: for the tensors it loads, the swap replaces the edits made
+        before it (an edit made after it is applied again on top when the swap is undone).
+        """
         weights = self.get_weights(*vectors, alpha=alpha)
-        handle = WeightSwap(self.root, {n: weights.get(_key(n)) for n in self.__dict__["_names"]}).install()
-        open_swaps: list[Any] = self.__dict__["_open_swaps"]
+        handle = WeightSwap(self.hooked.root, {n: weights.get(_key(n)) for n in self._names}).install()
+        open_swaps = self._open_swaps
         open_swaps.append(handle)
         try:
-            yield self
+            yield self.hooked
         finally:
             handle.remove()
             if handle in open_swaps:
@@ -200,22 +211,80 @@ class TaskVectorsModule(HookedModule):
 
     def _close_open_swaps(self) -> None:
         """Undo the vectors still applied (a ``with_applied_vectors`` never exited), newest first."""
-        open_swaps: list[Any] = self.__dict__["_open_swaps"]
+        open_swaps = self._open_swaps
         while open_swaps:
             open_swaps.pop().remove()
 
 
 @dataclass(frozen=True, eq=False)
-class _OpenSwaps:
-    """An installable whose undo closes the vectors the hooked module still has applied."""
+class _Capture:
+    """An installable that takes TaskVectors' weights when the plan is installed (undo: nothing)."""
 
-    hooked: TaskVectorsModule
+    tools: TaskVectorTools
+
+    def install(self) -> _Capture:
+        self.tools.capture()
+        return self
+
+    def remove(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, eq=False)
+class _OpenSwaps:
+    """An installable whose undo closes the vectors still applied (newest first)."""
+
+    tools: TaskVectorTools
 
     def install(self) -> _OpenSwaps:
         return self
 
     def remove(self) -> None:
-        self.hooked._close_open_swaps()
+        self.tools._close_open_swaps()
+
+
+class TaskVectorsModule(HookedModule):
+    """A hooked module with :class:`TaskVectorTools`, for use without a context (tdhook 0.1 name).
+
+    Its weights are taken when it is built. Inside ``with TaskVectors(...).prepare(model) as
+    hooked:``, ``hooked`` is a plain :class:`~tdhook.core.HookedModule` carrying the
+    :class:`TaskVectorTools` extension, so that TaskVectors composes with every other method; the
+    names below work on both.
+    """
+
+    def __init__(
+        self,
+        td_module: Any,
+        hooking_context: Any = None,
+        relative_path: str = ROOT_NAME,
+        in_keys: Sequence[Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
+        self.use_extension(TaskVectorTools).capture()
+
+    @property
+    def weights(self) -> TensorDict:
+        """The weights when the module was built (see :attr:`TaskVectorTools.weights`)."""
+        return self.extension(TaskVectorTools).weights
+
+    def get_task_vector(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
+        """``weights(finetuned) - weights`` (see :meth:`TaskVectorTools.get_task_vector`)."""
+        return self.extension(TaskVectorTools).get_task_vector(finetuned)
+
+    def get_forget_vector(self, finetuned: nn.Module | TensorDictBase) -> TensorDictBase:
+        """``weights - weights(finetuned)`` (see :meth:`TaskVectorTools.get_forget_vector`)."""
+        return self.extension(TaskVectorTools).get_forget_vector(finetuned)
+
+    def get_weights(self, *vectors: TensorDictBase, alpha: float | None = None) -> TensorDictBase:
+        """``weights + alpha * sum(vectors)`` (see :meth:`TaskVectorTools.get_weights`)."""
+        return self.extension(TaskVectorTools).get_weights(*vectors, alpha=alpha)
+
+    def with_applied_vectors(
+        self, *vectors: TensorDictBase, alpha: float | None = None
+    ) -> contextlib.AbstractContextManager[HookedModule]:
+        """Load ``weights + alpha * sum(vectors)`` for the ``with`` body (see :class:`TaskVectorTools`)."""
+        return self.extension(TaskVectorTools).with_applied_vectors(*vectors, alpha=alpha)
 
 
 class TaskVectorsContext(HookingContext):
@@ -238,7 +307,7 @@ class TaskVectorsContext(HookingContext):
 class TaskVectors(HookingContextFactory):
     """Task arithmetic with a control-adequacy search of the scale.
 
-    Inside the context, ``hooked`` (a :class:`TaskVectorsModule`) builds task vectors from
+    Inside the context, ``hooked`` (with the :class:`TaskVectorTools` extension) builds task vectors from
     fine-tuned copies of the model and applies them temporarily. ``alpha=None`` searches the
     scale: for each candidate in ``alphas`` (in order) the vector is applied, the candidate is
     kept if ``get_control_adequacy(hooked)`` is true, and the kept candidate with the highest
@@ -269,13 +338,12 @@ class TaskVectors(HookingContextFactory):
     """
 
     _hooking_context_class = TaskVectorsContext
-    _hooked_module_class = TaskVectorsModule
 
     def __init__(
         self,
         alphas: Sequence[float],
-        get_test_accuracy: Callable[[TaskVectorsModule], float],
-        get_control_adequacy: Callable[[TaskVectorsModule], bool],
+        get_test_accuracy: Callable[[HookedModule], float],
+        get_control_adequacy: Callable[[HookedModule], bool],
     ) -> None:
         if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable):
             raise TaskVectorError(
@@ -312,18 +380,14 @@ class TaskVectors(HookingContextFactory):
         return list(self._results)
 
     def _plan(self, hooked: HookedModule) -> list[Installable]:
-        if not isinstance(hooked, TaskVectorsModule):
-            raise ContextStateError(
-                f"TaskVectors needs a TaskVectorsModule, got {type(hooked).__name__}. Prepare it with "
-                "TaskVectors(...).prepare(model) or a CompositeHookingContextFactory."
-            )
-        # Vectors are applied during the context: at exit, vectors still applied (a
-        # with_applied_vectors never exited) are undone first, then the snapshot puts back
-        # every tensor's grad state. Both are edits of the shared stack (see _edits), so they
-        # compose with other weight edits exited in any order.
-        return [ParameterSnapshot(hooked.root), _OpenSwaps(hooked)]
+        tools = hooked.use_extension(TaskVectorTools)
+        # The weights are taken when the plan is installed (after the edits listed before this
+        # method). At exit, vectors still applied (a with_applied_vectors never exited) are undone
+        # first, then the snapshot puts back every tensor's grad state. Both are edits of the
+        # shared stack (see _edits), so they compose with other weight edits exited in any order.
+        return [_Capture(tools), ParameterSnapshot(hooked.root), _OpenSwaps(tools)]
 
-    def compute_alpha(self, hooked: TaskVectorsModule, vector: TensorDictBase) -> float:
+    def compute_alpha(self, hooked: HookedModule, vector: TensorDictBase) -> float:
         """Search the scale of ``vector`` on ``hooked`` (see the class docstring).
 
         Raises:
@@ -339,7 +403,7 @@ class TaskVectors(HookingContextFactory):
         best: float | None = None
         best_accuracy = -float("inf")
         for alpha in self._alphas:
-            with hooked.with_applied_vectors(vector, alpha=alpha):
+            with hooked.extension(TaskVectorTools).with_applied_vectors(vector, alpha=alpha):
                 adequate = bool(self._adequacy(hooked))
                 accuracy = float(self._accuracy(hooked)) if adequate else None
             results.append((alpha, adequate, accuracy))

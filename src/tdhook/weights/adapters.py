@@ -1,5 +1,5 @@
 """Compatibility path (tdhook 0.1): ``tdhook.weights.adapters``."""
 
-from ._adapters import AdapterError, Adapters, HookedModuleWithAdapters
+from ._adapters import AdapterError, Adapters, AdapterSet, HookedModuleWithAdapters
 
-__all__ = ["AdapterError", "Adapters", "HookedModuleWithAdapters"]
+__all__ = ["AdapterError", "AdapterSet", "Adapters", "HookedModuleWithAdapters"]

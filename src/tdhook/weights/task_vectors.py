@@ -6,11 +6,13 @@ from ._task_vectors import (
     TaskVectors,
     TaskVectorsContext,
     TaskVectorsModule,
+    TaskVectorTools,
 )
 
 __all__ = [
     "NoAdequateAlphaError",
     "TaskVectorError",
+    "TaskVectorTools",
     "TaskVectors",
     "TaskVectorsContext",
     "TaskVectorsModule",

@@ -278,3 +278,48 @@ def test_scores_must_be_real_tensors(model) -> None:
         pass
     with pytest.raises(PruningSpecError, match=r"\(dim, amount_or_None\)"):
         Pruning(None, modules_to_prune={"0": (True, 0.5)})
+
+
+def test_masks_are_per_context_across_threads() -> None:
+    """One Pruning instance in two threads at once, on two models: each context keeps its own masks
+    (issue 11: the masks were one field of the instance, overwritten by the other thread)."""
+    import threading
+
+    method = Pruning(None, amount_to_prune=0.5)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
+    expected = []
+    for m in models:  # by hand: the half of all entries with the smallest |value|
+        flat = torch.cat([p.detach().abs().reshape(-1) for p in m.parameters()])
+        threshold = flat.kthvalue(round(0.5 * flat.numel())).values
+        expected.append({n: p.detach().abs() > threshold for n, p in m.named_parameters()})
+    both_entered = threading.Barrier(2, timeout=30)
+    seen: dict[int, tuple[dict, dict]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with method.prepare(models[i]) as hooked:
+                both_entered.wait()  # the other thread's context is active too
+                seen[i] = (method.masks_for(hooked), {n: p == 0 for n, p in models[i].named_parameters()})
+                both_entered.wait()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i in (0, 1):
+        own, zeros = seen[i]
+        assert set(own) == set(expected[i])
+        for name, mask in own.items():
+            assert torch.equal(mask, expected[i][name]), (i, name)
+            assert torch.equal(zeros[name], ~mask), (i, name)  # the model was pruned with its own masks
+    assert any(not torch.equal(seen[0][0][n], seen[1][0][n]) for n in seen[0][0])  # the two differ
+    last = method.masks  # the most recent enter's, whichever thread entered last
+    assert any(all(torch.equal(last[n], seen[i][0][n]) for n in last) for i in (0, 1))

@@ -133,6 +133,7 @@ class Pruning(HookingContextFactory):
     """
 
     _hooking_context_class = PruningContext
+    _thread_safe = True  # the masks of each context live in that context (see masks_for)
     default_skip = staticmethod(default_skip)
     magnitude_importance = staticmethod(magnitude_importance)
 
@@ -179,6 +180,7 @@ class Pruning(HookingContextFactory):
                 self._structured[path] = (spec[0], amount)
         self._skip = skip_modules
         self._relative_path = relative_path or ""
+        #: The masks of the context most recently entered (in any thread).
         self._last_masks: dict[str, torch.Tensor] = {}
 
     @property
@@ -187,22 +189,34 @@ class Pruning(HookingContextFactory):
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """The masks (1 kept, 0 pruned) of the last enter, by parameter name relative to the root."""
+        """The masks (1 kept, 0 pruned) of the context most recently entered, in any thread, by
+        parameter name relative to the root (empty before any).
+
+        Each context keeps its own masks: with contexts of one instance in several threads, read
+        a context's masks with :meth:`masks_for`.
+        """
         return dict(self._last_masks)
+
+    def masks_for(self, hooked: HookedModule) -> dict[str, torch.Tensor]:
+        """The masks of the context whose hooked module is ``hooked`` (empty if it did not prune)."""
+        return dict(hooked.method_state(self, dict))
 
     def _plan(self, hooked: HookedModule) -> list[Installable]:
         root = resolve_path(hooked.root, self._relative_path) if self._relative_path else hooked.root
-        return [WeightMask(root, functools.partial(self._masks, root))]
+        return [WeightMask(root, functools.partial(self._masks, root, hooked.method_state(self, dict)))]
 
     # -- mask computation (called at install time) --------------------------------------------
-    def _masks(self, root: nn.Module) -> dict[str, torch.Tensor]:
+    def _masks(self, root: nn.Module, store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Compute the masks into ``store`` (the context's own dict) and return them."""
         names = {id(p): n for n, p in root.named_parameters()}
         masks = (
             self._global_masks(root, names)
             if self._structured is None
             else self._structured_masks(root, names)
         )
-        self._last_masks = masks
+        store.clear()
+        store.update(masks)
+        self._last_masks = store
         return masks
 
     def _score(self, module_key: str, name: str, parameter: torch.Tensor) -> torch.Tensor | None:

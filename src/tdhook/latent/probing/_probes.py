@@ -26,19 +26,8 @@ def _metric_tensor(value: Any, key: str, metric: str) -> torch.Tensor:
         ) from None
 
 
-class Probe:
-    """Fit or evaluate one estimator on the activations it is given.
-
-    Args:
-        estimator: An object with ``fit(X, y)`` and ``predict(X)`` (scikit-learn style).
-        predict_callback: ``(predictions, labels) -> None`` called on "predict" steps.
-        fit_callback: ``(predictions, labels) -> None`` called after fitting, on the training data.
-        data_preprocess_callback: ``data -> X``; defaults to detach + flatten(1).
-        check_finite: Refuse NaN/Inf activations (and, when fitting, labels) with
-            :class:`~tdhook.errors.NonFiniteInputError` before the estimator sees them. Set it
-            to False for an estimator that handles missing values itself. An empty batch is
-            always refused (:class:`~tdhook.errors.InsufficientSamplesError`).
-    """
+class _EstimatorStep:
+    """What both probes share: one estimator, its callbacks, the preprocessing, the input checks."""
 
     def __init__(
         self,
@@ -55,19 +44,36 @@ class Probe:
         self._preprocess = data_preprocess_callback or default_preprocess
         self._check_finite = check_finite
 
+    def _run(self, data: tuple[Any, ...], labels: Any, step_type: Any) -> None:
+        step = StepType.parse(step_type)
+        require_labels(labels, step)
+        xs = tuple(self._preprocess(d) for d in data)
+        run_step(
+            self.estimator, step, xs, labels, self._fit_callback, self._predict_callback, self._check_finite
+        )
+
+
+class Probe(_EstimatorStep):
+    """Fit or evaluate one estimator on the activations it is given.
+
+    Args:
+        estimator: An object with ``fit(X, y)`` and ``predict(X)`` (scikit-learn style).
+        predict_callback: ``(predictions, labels) -> None`` called on "predict" steps.
+        fit_callback: ``(predictions, labels) -> None`` called after fitting, on the training data.
+        data_preprocess_callback: ``data -> X``; defaults to detach + flatten(1).
+        check_finite: Refuse NaN/Inf activations (and, when fitting, labels) with
+            :class:`~tdhook.errors.NonFiniteInputError` before the estimator sees them. Set it
+            to False for an estimator that handles missing values itself. An empty batch is
+            always refused (:class:`~tdhook.errors.InsufficientSamplesError`).
+    """
+
     def step(self, data: Any, **kwargs: Any) -> None:
         """Fit (``step_type="fit"``), update (``"partial_fit"``) or predict (``"predict"``) on ``data``.
 
         ``"partial_fit"`` trains a streaming estimator on one more batch and records no metric;
         evaluate with a ``"predict"`` step afterwards.
         """
-        step = StepType.parse(kwargs.get("step_type"))
-        labels = kwargs.get("labels")
-        require_labels(labels, step)
-        xs = (self._preprocess(data),)
-        run_step(
-            self.estimator, step, xs, labels, self._fit_callback, self._predict_callback, self._check_finite
-        )
+        self._run((data,), kwargs.get("labels"), kwargs.get("step_type"))
 
 
 class _ManagerBase:
@@ -233,7 +239,7 @@ class ProbeManager(_ManagerBase):
         return Probe(self._new_estimator(name), **self._callbacks(name))
 
 
-class BilinearProbe:
+class BilinearProbe(_EstimatorStep):
     """A probe on a pair of activations ``(h1, h2)``, possibly from two modules.
 
     ``step(data, key, labels, step_type)`` collects the activation of ``h1_key`` and of
@@ -260,13 +266,11 @@ class BilinearProbe:
         *,
         check_finite: bool = True,
     ) -> None:
+        super().__init__(
+            estimator, predict_callback, fit_callback, data_preprocess_callback, check_finite=check_finite
+        )
         self.h1_key = h1_key
         self.h2_key = h2_key
-        self.estimator = estimator
-        self._predict_callback = predict_callback
-        self._fit_callback = fit_callback
-        self._preprocess = data_preprocess_callback or default_preprocess
-        self._check_finite = check_finite
         self._cache: dict[str, Any] = {}
 
     @property
@@ -284,22 +288,14 @@ class BilinearProbe:
     def step(self, data: Any, key: str, labels: Any = None, step_type: Any = None, **kwargs: Any) -> None:
         if self.h1_key == self.h2_key:
             if key == self.h1_key:
-                self._run(data, data, labels, step_type)
+                self._run((data, data), labels, step_type)
             return
         if key not in (self.h1_key, self.h2_key):
             return
         self._cache[key] = data
         if self.h1_key in self._cache and self.h2_key in self._cache:
             h1, h2 = self._cache.pop(self.h1_key), self._cache.pop(self.h2_key)
-            self._run(h1, h2, labels, step_type)
-
-    def _run(self, h1: Any, h2: Any, labels: Any, step_type: Any) -> None:
-        step = StepType.parse(step_type)
-        require_labels(labels, step)
-        xs = (self._preprocess(h1), self._preprocess(h2))
-        run_step(
-            self.estimator, step, xs, labels, self._fit_callback, self._predict_callback, self._check_finite
-        )
+            self._run((h1, h2), labels, step_type)
 
 
 class _Dispatcher:

@@ -131,10 +131,7 @@ KINDS: dict[str, Callable[[], st.SearchStrategy[tuple[Transform, str]]]] = {
 }
 
 #: (case name, kind) -> why it does not hold yet (each owned by another area; see the report).
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("integrated-gradients", "empty"): "an empty batch gives a raw RuntimeError (cannot reshape 0 elements)",
-    ("grad-cam", "nonfinite"): "NaN/Inf input gives NaN attributions and no error",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _is_attribution(case: ContractCase) -> bool:

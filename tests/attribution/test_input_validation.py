@@ -171,9 +171,9 @@ def test_one_string_is_one_module_path(mlp):
     one = _run(Saliency(input_modules="0", use_inputs=False), mlp, td.clone())
     many = _run(Saliency(input_modules=["0"], use_inputs=False), mlp, td.clone())
     torch.testing.assert_close(one["attr", "0"], many["attr", "0"])
-    assert Saliency(target_modules="2").target_modules == ["2"]
+    assert Saliency(target_modules="2").options.target_modules == ("2",)
     am = ActivationMaximisation("2", n_steps=1)
-    assert am.target_modules == ["2"]
+    assert am.options.target_modules == ("2",)
     _run(am, mlp, td.clone())
 
 

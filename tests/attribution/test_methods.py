@@ -27,7 +27,7 @@ from tdhook.attribution import (
     SmoothGrad,
     VarGrad,
 )
-from tdhook.attribution._shap import ShapDraws
+from tdhook.attribution._shap import ShapDraws, ShapSampler
 from tdhook.attribution.grad_cam import DimsConfig as CompatDimsConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -98,17 +98,19 @@ def test_gradient_shap_matches_captum_given_the_same_draws(mlp, monkeypatch):
     ref = CaptumGradientShap(mlp).attribute(x, dist, n_samples=6, stdevs=0.3, target=2)
     monkeypatch.undo()
 
-    class Replay(GradientShap):
-        def _draw(self, job, sizes):
-            return ShapDraws(
-                {"input": record["normal"].reshape(5, 6, 4)},
-                torch.as_tensor(np.asarray(record["choice"])).reshape(5, 6),
-                torch.as_tensor(record["uniform"]).float().reshape(5, 6),
-            )
+    def replay(self, job, sizes):
+        return ShapDraws(
+            {"input": record["normal"].reshape(5, 6, 4)},
+            torch.as_tensor(np.asarray(record["choice"])).reshape(5, 6),
+            torch.as_tensor(record["uniform"]).float().reshape(5, 6),
+        )
 
+    monkeypatch.setattr(ShapSampler, "draw", replay)
     for chunk in (None, 4):
         td = _run(
-            Replay(n_samples=6, stdevs=0.3, baselines={"input": dist}, targets=2, chunk_size=chunk), mlp, x
+            GradientShap(n_samples=6, stdevs=0.3, baselines={"input": dist}, targets=2, chunk_size=chunk),
+            mlp,
+            x,
         )
         torch.testing.assert_close(td["attr", "input"], ref, rtol=1e-5, atol=1e-6)
 

@@ -8,14 +8,17 @@ Every method reads the model inputs (and ``("baseline", k)`` where relevant) and
     td["attr", "input"]
 """
 
+from ._engine import GradientAttribution
 from ._errors import AttributionError, AttributionKeys, BaselineError, IntegerInputError, TargetError
 from ._grad_cam import DimsConfig, GradCAM
-from ._gradient import GradientAttribution, InputXGradient, Saliency
+from ._gradient import InputXGradient, Saliency
 from ._guided import GuidedBackpropagation
-from ._integrated import IntegratedGradients, IntegrationMethod
+from ._integrated import IntegratedGradients
 from ._maximisation import ActivationMaximisation
 from ._noise import SmoothGrad, VarGrad
+from ._options import GradientOptions
 from ._perturbation import FeatureAblation, Occlusion
+from ._quadrature import IntegrationMethod
 from ._rl import action_log_prob_target, advantage_target, state_value_target
 from ._shap import GradientShap
 from .lrp import LRP
@@ -30,6 +33,7 @@ __all__ = [
     "FeatureAblation",
     "GradCAM",
     "GradientAttribution",
+    "GradientOptions",
     "GradientShap",
     "GuidedBackpropagation",
     "InputXGradient",

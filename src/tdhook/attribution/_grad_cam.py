@@ -7,14 +7,16 @@ its batch dimensions restored; prefer negative dimensions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
+from ._engine import GradientAttribution
 from ._errors import AttributionError
-from ._gradient import GradientAttribution
+from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
 
 __all__ = ["DimsConfig", "GradCAM"]
 
@@ -40,31 +42,61 @@ class DimsConfig:
 _FORCED = ("use_inputs", "input_modules", "init_attr_inputs")
 
 
+@dataclass(frozen=True)
+class _GradCamMaps:
+    """The :class:`~tdhook.attribution._engine.Combine` of Grad-CAM: pooled gradient × activation."""
+
+    dims: Mapping[str, DimsConfig]
+    absolute: bool
+    relu: bool
+
+    def __call__(
+        self, grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, grad in grads.items():
+            dims = self.dims[key]
+            g = grad.abs() if self.absolute else grad
+            weights = (
+                g if dims.weight_pooling_dims is None else g.mean(dims.weight_pooling_dims, keepdim=True)
+            )
+            value = weights * inputs[key]
+            if dims.feature_sum_dims is not None:
+                value = value.sum(dims.feature_sum_dims)
+            out[key] = torch.relu(value) if self.relu else value
+        return out
+
+
 class GradCAM(GradientAttribution):
     """Grad-CAM maps of module activations, written at ``(attribution_key, module_path)``.
 
     Args:
-        modules_to_attribute: ``{module_path: DimsConfig}``.
-        *args: The shared arguments of :class:`GradientAttribution` after ``use_inputs`` (which,
-            with ``input_modules`` and ``init_attr_inputs``, GradCAM sets itself).
+        modules_to_attribute: ``{module_path: DimsConfig}`` (also the first positional argument,
+            followed by tdhook 0.1's shared arguments from ``use_outputs`` on).
         absolute: Use ``|grad|``.
         relu: Apply the ReLU of standard Grad-CAM (captum's ``relu_attributions=True``).
-        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+        options: A ready :class:`~tdhook.attribution.GradientOptions`.
+        **settings: The shared settings, see :class:`~tdhook.attribution.GradientOptions`, except
+            ``use_inputs``, ``input_modules`` and ``init_attr_inputs``, which GradCAM sets itself.
 
     Raises:
         AttributionError: If ``modules_to_attribute`` is empty, or an argument GradCAM sets
             itself is passed.
     """
 
+    @accepts_positional("modules_to_attribute", *SHARED_POSITIONAL[1:])
     def __init__(
         self,
+        *,
         modules_to_attribute: Mapping[str, DimsConfig] | None,
-        *args: Any,
         absolute: bool = False,
         relu: bool = True,
-        **kwargs: Any,
+        options: GradientOptions | None = None,
+        **settings: Unpack[GradientSettings],
     ) -> None:
-        clash = [k for k in _FORCED if k in kwargs]
+        clash = [k for k in _FORCED if k in settings]
+        if options is not None and (options.input_modules or options.init_attr_inputs is not None):
+            clash += [k for k in _FORCED[1:] if getattr(options, k)]
         if clash:
             raise AttributionError(
                 f"GradCAM sets {clash} itself (it attributes to the modules of modules_to_attribute); "
@@ -78,25 +110,14 @@ class GradCAM(GradientAttribution):
         for key, dims in modules_to_attribute.items():
             if not isinstance(dims, DimsConfig):
                 raise AttributionError(
-                    f"modules_to_attribute[{key!r}] must be a DimsConfig, got {type(dims).__name__}."
+                    f"modules_to_attribute[{key!r}] must be a DimsConfig, got {type(dims).__name__}. "
+                    "Write DimsConfig(weight_pooling_dims=(-2, -1), feature_sum_dims=(-3,))."
                 )
         self.modules_to_attribute = dict(modules_to_attribute)
-        super().__init__(False, *args, input_modules=list(self.modules_to_attribute), **kwargs)  # type: ignore[misc]
         self.absolute = bool(absolute)
         self.relu = bool(relu)
-
-    def _grad_attr(
-        self, grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, grad in grads.items():
-            dims = self.modules_to_attribute[key]
-            g = grad.abs() if self.absolute else grad
-            weights = (
-                g if dims.weight_pooling_dims is None else g.mean(dims.weight_pooling_dims, keepdim=True)
-            )
-            value = weights * inputs[key]
-            if dims.feature_sum_dims is not None:
-                value = value.sum(dims.feature_sum_dims)
-            out[key] = torch.relu(value) if self.relu else value
-        return out
+        resolved = GradientOptions.build(options, settings, type(self).__name__)
+        resolved = dataclasses.replace(
+            resolved, use_inputs=False, input_modules=list(self.modules_to_attribute)
+        )
+        self._configure(resolved, combine=_GradCamMaps(self.modules_to_attribute, self.absolute, self.relu))

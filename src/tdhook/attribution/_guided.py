@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from .._core.directions import HookSpec, Installable
-from .._core.hooked import HookedModule
-from ._gradient import GradientAttribution, gradient_times_input
+from ..core import HookedModule, HookSpec, Installable
+from ._engine import GradientAttribution
+from ._gradient import GradTimesInput
+from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
 
 __all__ = ["GuidedBackpropagation"]
 
@@ -35,40 +37,50 @@ class _GuideHook:
             output.register_hook(_clamp_grad)
 
 
+@dataclass(frozen=True)
+class _GuideReLUs:
+    """The model edits of guided backpropagation: a :class:`_GuideHook` on every ReLU-like module."""
+
+    relu_classes: tuple[type, ...]
+    classes_to_skip: tuple[type, ...]
+
+    def __call__(self, hooked: HookedModule) -> list[Installable]:
+        hook = _GuideHook()
+        return [
+            HookSpec(module, hook)
+            for module in hooked.root.modules()
+            if isinstance(module, self.relu_classes) and not isinstance(module, self.classes_to_skip)
+        ]
+
+
 class GuidedBackpropagation(GradientAttribution):
     """Guided backpropagation: the gradient with negative gradients stopped at every ReLU.
 
     Args:
-        *args: The shared arguments of :class:`GradientAttribution`, in order.
         multiply_by_inputs: Multiply by the input.
         classes_to_skip: Module classes never guided (on top of those not in ``relu_classes``).
         relu_classes: The ReLU-like module classes to guide (functional ``F.relu`` calls cannot be
             hooked; use modules).
-        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+        options: A ready :class:`~tdhook.attribution.GradientOptions`.
+        **settings: The shared settings, see :class:`~tdhook.attribution.GradientOptions`; also
+            accepted in tdhook 0.1's positional order.
     """
 
+    @accepts_positional(*SHARED_POSITIONAL)
     def __init__(
         self,
-        *args: Any,
+        *,
         multiply_by_inputs: bool = False,
         classes_to_skip: Sequence[type] = (),
         relu_classes: Sequence[type] = (nn.ReLU,),
-        **kwargs: Any,
+        options: GradientOptions | None = None,
+        **settings: Unpack[GradientSettings],
     ) -> None:
-        super().__init__(*args, **kwargs)
         self.multiply_by_inputs = bool(multiply_by_inputs)
         self.classes_to_skip = tuple(classes_to_skip)
         self.relu_classes = tuple(relu_classes)
-
-    def _plan(self, hooked: HookedModule) -> list[Installable]:
-        plan = super()._plan(hooked)
-        hook = _GuideHook()
-        for module in hooked.root.modules():
-            if isinstance(module, self.relu_classes) and not isinstance(module, self.classes_to_skip):
-                plan.append(HookSpec(module, hook))
-        return plan
-
-    def _grad_attr(
-        self, grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        return gradient_times_input(grads, inputs, absolute=False, multiply=self.multiply_by_inputs)
+        self._configure(
+            GradientOptions.build(options, settings, type(self).__name__),
+            combine=GradTimesInput(multiply=self.multiply_by_inputs),
+            edits_after=_GuideReLUs(self.relu_classes, self.classes_to_skip),
+        )

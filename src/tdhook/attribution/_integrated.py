@@ -1,150 +1,32 @@
-"""Path methods: integrated gradients and its quadrature rules (``tdhook.attribution``).
+"""Path methods: integrated gradients along baseline → input (``tdhook.attribution``).
 
-:class:`GradientAttributionWithBaseline` reads ``(baseline_key, k)`` for every attributed input
-and checks it; :class:`IntegratedGradients` integrates the gradient along the straight path from
-the baseline to the input with a Riemann or Gauss-Legendre rule. All steps of a chunk go through
-the model in one forward pass and one backward pass; ``chunk_size`` bounds the memory.
+:func:`read_baselines` reads ``(baseline_key, k)`` for every attributed input and checks it;
+:class:`PathSampler` places IG's points on the straight path from the baseline to the input with
+a Riemann or Gauss-Legendre rule (:mod:`._quadrature`) and weights their gradients. All steps of
+a chunk go through the model in one forward pass and one backward pass; ``chunk_size`` bounds
+the memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
+from typing_extensions import Unpack
 
-from .._core.hooked import HookedModule
-from .._core.keys import check_keys
+from ..core import check_keys
+from ._engine import GradientAttribution, Job, Run, Sampler, as_is
 from ._errors import KEYS, AttributionError, BaselineError
-from ._gradient import GradientAttribution, _Job, _key_str, check_finite, gradient_times_input
+from ._gradient import GradTimesInput
+from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
+from ._quadrature import IntegrationMethod, approximation_parameters
+from ._targets import check_finite, key_str
 
-__all__ = [
-    "SUPPORTED_METHODS",
-    "SUPPORTED_RIEMANN_METHODS",
-    "GradientAttributionWithBaseline",
-    "IntegratedGradients",
-    "IntegrationMethod",
-    "Riemann",
-    "approximation_parameters",
-    "gauss_legendre_builders",
-    "riemann_builders",
-]
-
-
-class Riemann(Enum):
-    """Riemann sum variants (captum's ``Riemann``)."""
-
-    left = 1
-    right = 2
-    middle = 3
-    trapezoid = 4
-
-
-class IntegrationMethod(str, Enum):
-    """The quadrature rules of :class:`IntegratedGradients` (the reference's strings)."""
-
-    RIEMANN_LEFT = "riemann_left"
-    RIEMANN_RIGHT = "riemann_right"
-    RIEMANN_MIDDLE = "riemann_middle"
-    RIEMANN_TRAPEZOID = "riemann_trapezoid"
-    GAUSS_LEGENDRE = "gausslegendre"
-
-    @classmethod
-    def parse(cls, value: str | IntegrationMethod) -> IntegrationMethod:
-        """Convert a method name to a member.
-
-        Raises:
-            AttributionError: For an unknown name (a ``ValueError``), listing the valid ones.
-        """
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise AttributionError(
-                f"Invalid integral approximation method name: {value!r}. Expected one of "
-                f"{[m.value for m in cls]}."
-            ) from None
-
-
-SUPPORTED_RIEMANN_METHODS = [m.value for m in IntegrationMethod if m.value.startswith("riemann")]
-SUPPORTED_METHODS = [m.value for m in IntegrationMethod]
-_RIEMANN = {
-    IntegrationMethod.RIEMANN_LEFT: Riemann.left,
-    IntegrationMethod.RIEMANN_RIGHT: Riemann.right,
-    IntegrationMethod.RIEMANN_MIDDLE: Riemann.middle,
-    IntegrationMethod.RIEMANN_TRAPEZOID: Riemann.trapezoid,
-}
-
-StepFn = Callable[[int], list[float]]
-
-
-def _riemann_step_sizes(method: Riemann, n: int) -> list[float]:
-    if n < 2:
-        raise AttributionError(f"Riemann rules need n_steps >= 2, got {n}. Use more steps.")
-    if method is Riemann.trapezoid:
-        # captum's weights (they sum to (n - 1) / n; kept for value compatibility)
-        return [1 / (2 * n)] + [1 / n] * (n - 2) + [1 / (2 * n)]
-    return [1 / n] * n
-
-
-def _riemann_alphas(method: Riemann, n: int) -> list[float]:
-    if n < 2:
-        raise AttributionError(f"Riemann rules need n_steps >= 2, got {n}. Use more steps.")
-    if method is Riemann.left:
-        return torch.linspace(0, 1 - 1 / n, n).tolist()
-    if method is Riemann.right:
-        return torch.linspace(1 / n, 1, n).tolist()
-    if method is Riemann.middle:
-        return torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n).tolist()
-    if method is Riemann.trapezoid:
-        return torch.linspace(0, 1, n).tolist()
-    raise AttributionError(f"Unknown Riemann method {method!r}; expected one of {list(Riemann)}.")
-
-
-def riemann_builders(method: Riemann = Riemann.trapezoid) -> tuple[StepFn, StepFn]:
-    """Return ``(step_sizes(n), alphas(n))`` of a Riemann rule (captum's values)."""
-
-    def step_sizes(n: int) -> list[float]:
-        return _riemann_step_sizes(method, n)
-
-    def alphas(n: int) -> list[float]:
-        return _riemann_alphas(method, n)
-
-    return step_sizes, alphas
-
-
-def _gl_step_sizes(n: int) -> list[float]:
-    if n < 1:
-        raise AttributionError(f"Gauss-Legendre needs n_steps >= 1, got {n}.")
-    return (0.5 * np.polynomial.legendre.leggauss(n)[1]).tolist()
-
-
-def _gl_alphas(n: int) -> list[float]:
-    if n < 1:
-        raise AttributionError(f"Gauss-Legendre needs n_steps >= 1, got {n}.")
-    return (0.5 * (1 + np.polynomial.legendre.leggauss(n)[0])).tolist()
-
-
-def gauss_legendre_builders() -> tuple[StepFn, StepFn]:
-    """Return ``(step_sizes(n), alphas(n))`` of Gauss-Legendre quadrature on ``[0, 1]``."""
-    return _gl_step_sizes, _gl_alphas
-
-
-def approximation_parameters(method: str | IntegrationMethod) -> tuple[StepFn, StepFn]:
-    """Return ``(step_sizes(n), alphas(n))`` for a method name (same values as captum).
-
-    Raises:
-        AttributionError: For an unknown method (a ``ValueError``).
-    """
-    parsed = IntegrationMethod.parse(method)
-    if parsed is IntegrationMethod.GAUSS_LEGENDRE:
-        return gauss_legendre_builders()
-    return riemann_builders(_RIEMANN[parsed])
+__all__ = ["GradientAttributionWithBaseline", "IntegratedGradients", "PathSampler", "read_baselines"]
 
 
 def _shape_fits(baseline: torch.Size, target: torch.Size) -> bool:
@@ -154,72 +36,225 @@ def _shape_fits(baseline: torch.Size, target: torch.Size) -> bool:
         return False
 
 
-class GradientAttributionWithBaseline(GradientAttribution):
-    """A gradient method with a baseline per attributed input, read at ``(baseline_key, k)``.
+def baseline_key(root: str, key: NestedKey) -> tuple[str, ...]:
+    """``(root, *key)``: where the baseline of input ``key`` is read."""
+    return (root, *((key,) if isinstance(key, str) else key))
 
-    A baseline may have the input's shape or any shape that broadcasts to it (e.g. a scalar or one
-    value per feature, without batch dimensions).
+
+def read_baselines(job: Job, root: str, *, finite: bool) -> dict[NestedKey, torch.Tensor]:
+    """Baselines of the attributed inputs, flat ``(N, *feature)`` (broadcast).
+
+    A baseline may have the input's shape or any shape that broadcasts to it (e.g. a scalar or
+    one value per feature, without batch dimensions).
+
+    Raises:
+        MissingKeyError: For a missing baseline (a ``KeyError``), with the fix.
+        BaselineError: For a baseline of the wrong shape or device, or holding NaN/Inf.
+    """
+    td = job.td
+    keys = [baseline_key(root, k) for k in job.attributed]
+    present = td.keys(include_nested=True)
+    missing = [k for k in keys if k not in present]
+    if missing:
+        check_keys(
+            td, keys, what=f"baseline (e.g. td[{missing[0]!r}] = torch.zeros_like(td[{missing[0][1:]!r}]));"
+        )
+    nb = len(job.batch)
+    out = {}
+    for key, bkey in zip(job.attributed, keys):
+        x = job.model_inputs[key]
+        full = (*job.batch, *x.shape[1:])
+        b = td.get(bkey)
+        if not isinstance(b, torch.Tensor):
+            b = torch.as_tensor(b, dtype=x.dtype, device=x.device)
+        if b.device != x.device:
+            raise BaselineError(
+                f"Baseline {bkey!r} is on {b.device} but input {key!r} is on {x.device}. "
+                f"Move it: td[{bkey!r}] = td[{bkey!r}].to({str(x.device)!r})."
+            )
+        if not _shape_fits(b.shape, torch.Size(full)):
+            raise BaselineError(
+                f"Baseline {bkey!r} has shape {tuple(b.shape)}, which does not broadcast to the shape "
+                f"{tuple(full)} of input {key!r}. Give it the input's shape (e.g. torch.zeros_like)."
+            )
+        if not torch.is_floating_point(b):
+            b = b.to(x.dtype)
+        b = b.expand(full).reshape(job.n, *x.shape[1:]) if b.dim() >= nb else b.expand(x.shape)
+        if finite:
+            check_finite(b, f"baseline {bkey!r}")
+        out[key] = b.to(x.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class _BaselineDiff(Sampler):
+    """Sampler of :class:`GradientAttributionWithBaseline`: the input itself, ``x − b`` as input."""
+
+    root: str
+
+    def prepare(self, run: Run, job: Job) -> None:
+        baselines = read_baselines(job, self.root, finite=run.options.check_finite)
+        job.attr_inputs = {key_str(k): job.model_inputs[k] - b for k, b in baselines.items()}
+
+
+class GradientAttributionWithBaseline(GradientAttribution):
+    """The gradient, with a baseline per attributed input read at ``(baseline_key, k)``.
+
+    With ``multiply_by_inputs`` the gradient is multiplied by ``input − baseline`` (the "global"
+    variant); otherwise the baseline is not read and this is the plain gradient.
 
     Args:
-        *args: The shared arguments of :class:`GradientAttribution`, in order.
         baseline_key: Root key of the baselines.
-        multiply_by_inputs: Multiply the result by ``input - baseline`` (the "global" variant).
-        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+        multiply_by_inputs: Multiply the result by ``input − baseline``.
+        options: A ready :class:`~tdhook.attribution.GradientOptions`.
+        **settings: The shared settings, see :class:`~tdhook.attribution.GradientOptions`.
 
     Raises:
         BaselineError: At call time, for a baseline of the wrong shape, dtype or device.
         MissingKeyError: At call time, for a missing baseline (a ``KeyError``).
     """
 
+    @accepts_positional(*SHARED_POSITIONAL)
     def __init__(
-        self, *args: Any, baseline_key: str = KEYS.baseline, multiply_by_inputs: bool = False, **kwargs: Any
+        self,
+        *,
+        baseline_key: str = KEYS.baseline,
+        multiply_by_inputs: bool = False,
+        options: GradientOptions | None = None,
+        **settings: Unpack[GradientSettings],
     ) -> None:
-        super().__init__(*args, **kwargs)
         self.baseline_key = baseline_key
         self.multiply_by_inputs = bool(multiply_by_inputs)
+        resolved = GradientOptions.build(options, settings, type(self).__name__)
+        if self.multiply_by_inputs:
+            self._configure(resolved, _BaselineDiff(baseline_key), GradTimesInput(multiply=True))
+        else:
+            self._configure(resolved, combine=as_is)
 
-    def _baseline_key(self, key: NestedKey) -> tuple[str, ...]:
-        return (self.baseline_key, *((key,) if isinstance(key, str) else key))
 
-    def _read_baselines(self, job: _Job) -> dict[NestedKey, torch.Tensor]:
-        """Baselines of the attributed inputs, flat ``(N, *feature)`` (broadcast)."""
-        td = job.td
-        keys = [self._baseline_key(k) for k in job.attributed]
-        if keys and not all(k in td.keys(include_nested=True) for k in keys):
-            missing = [k for k in keys if k not in td.keys(include_nested=True)]
+@dataclass(frozen=True)
+class PathSampler(Sampler):
+    """IG's points: ``b + α_i (x − b)``, weighted by the rule's step sizes.
+
+    With ``use_inputs=False`` and ``input_modules`` (layer mode), the path runs in activation
+    space: each module output is interpolated between its value on the baseline inputs (or
+    ``(baseline_key, module)`` if present) and on the inputs.
+    """
+
+    alphas: torch.Tensor
+    step_sizes: torch.Tensor
+    baseline_key: str
+    compute_convergence_delta: bool
+    chunk_size: int | None = None
+    max_rows: int | None = None
+
+    def n_points(self, job: Job) -> int:
+        return int(self.alphas.shape[0])
+
+    def prepare(self, run: Run, job: Job) -> None:
+        o = run.options
+        modules = tuple(o.input_modules or ())
+        x = job.model_inputs
+        baselines = read_baselines(job, self.baseline_key, finite=o.check_finite)
+        first = next(iter(x.values()))
+        job.extras["alphas"] = self.alphas.to(dtype=torch.float32, device=first.device)
+        job.extras["baselines"] = baselines
+        job.extras["diffs"] = {k: x[k] - baselines[k] for k in job.attributed}
+        layer_mode = not job.attributed and bool(modules)
+        attr_inputs = {key_str(k): v for k, v in job.extras["diffs"].items()}
+        job.attr_inputs = attr_inputs
+        if not modules and not self.compute_convergence_delta:
+            return
+        # One no-grad pass over [x; baseline] (2N rows): outputs at x, F(x) and F(b) for the delta,
+        # and the activations of input_modules at both ends of the path.
+        work = TensorDict(batch_size=[2 * job.n])
+        present = job.td.keys(include_nested=True)
+        if layer_mode and not all((self.baseline_key, m) in present for m in modules):
             check_keys(
-                td,
-                keys,
-                what=f"baseline (e.g. td[{missing[0]!r}] = torch.zeros_like(td[{missing[0][1:]!r}]));",
+                job.td,
+                [baseline_key(self.baseline_key, k) for k in x],
+                what=f"baseline (or activation baselines {[(self.baseline_key, m) for m in modules]})",
             )
-        nb = len(job.batch)
+        for key, value in x.items():
+            base = baselines.get(key)
+            if base is None:
+                bkey = baseline_key(self.baseline_key, key)
+                base = job.td.get(bkey).reshape(value.shape) if layer_mode and bkey in present else value
+            work.set(key, torch.cat([value, base.to(value.dtype)]))
+        out, record, module_targets = run.record(work)
+        job.outputs = {k: _halves(out.get(k), job.batch)[0] for k in run.hooked.out_keys}
+        module_ends = {}
+        for key in modules:
+            act = record[key]
+            act_x, act_b = act[: job.n], act[job.n :]
+            bkey = (self.baseline_key, key)
+            if bkey in present:
+                act_b = job.td.get(bkey).reshape(act_x.shape).to(act_x)
+            module_ends[key] = (act_x, act_b)
+            attr_inputs[key] = act_x - act_b
+        job.extras["module_ends"] = module_ends
+        job.extras["layer_mode"] = layer_mode
+        if self.compute_convergence_delta:
+            # F(x) and F(b): the callbacks see the caller's batch B for each end (not (2, *B)).
+            ends = []
+            for half in (slice(0, job.n), slice(job.n, 2 * job.n)):
+                t_list, s_list = run.targets_and_seeds(
+                    out[half],
+                    {k: v[half] for k, v in module_targets.items()},
+                    job.batch,
+                    job.additional,
+                    check_grad=False,
+                    index=job.target_index,
+                )
+                ends.append(_seeded_sum(t_list, s_list, job.batch, o.separate_targets))
+            job.extras["f_ends"] = ends
+
+    def points(self, job: Job, start: int, stop: int) -> dict[NestedKey, torch.Tensor]:
+        alphas = job.extras["alphas"][start:stop]
+        c = stop - start
         out = {}
-        for key, bkey in zip(job.attributed, keys):
-            x = job.model_inputs[key]
-            full = (*job.batch, *x.shape[1:])
-            b = td.get(bkey)
-            if not isinstance(b, torch.Tensor):
-                b = torch.as_tensor(b, dtype=x.dtype, device=x.device)
-            if b.device != x.device:
-                raise BaselineError(
-                    f"Baseline {bkey!r} is on {b.device} but input {key!r} is on {x.device}. "
-                    f"Move it: td[{bkey!r}] = td[{bkey!r}].to({str(x.device)!r})."
-                )
-            if not _shape_fits(b.shape, torch.Size(full)):
-                raise BaselineError(
-                    f"Baseline {bkey!r} has shape {tuple(b.shape)}, which does not broadcast to the shape "
-                    f"{tuple(full)} of input {key!r}. Give it the input's shape (e.g. torch.zeros_like)."
-                )
-            if not torch.is_floating_point(b):
-                b = b.to(x.dtype)
-            b = b.expand(full).reshape(job.n, *x.shape[1:]) if b.dim() >= nb else b.expand(x.shape)
-            if self.check_finite:
-                check_finite(b, f"baseline {bkey!r}")
-            out[key] = b.to(x.dtype)
+        for key in job.attributed:
+            b = job.extras["baselines"][key]
+            d = job.extras["diffs"][key]
+            a = alphas.view(1, c, *([1] * (d.dim() - 1))).to(d.dtype)
+            out[key] = torch.addcmul(b.unsqueeze(1), a, d.unsqueeze(1)).reshape(job.n * c, *d.shape[1:])
         return out
 
+    def weights(self, job: Job, start: int, stop: int) -> torch.Tensor | None:
+        return self.step_sizes[start:stop]
 
-class IntegratedGradients(GradientAttributionWithBaseline):
+    def module_transforms(
+        self, job: Job, start: int, stop: int
+    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        if not job.extras.get("layer_mode"):
+            return {}
+        alphas = job.extras["alphas"][start:stop]
+        return {
+            key: _Interpolated(act_b, act_x - act_b, alphas)
+            for key, (act_x, act_b) in job.extras["module_ends"].items()
+        }
+
+    def finish(self, run: Run, job: Job, attrs: dict[str, torch.Tensor]) -> None:
+        if not self.compute_convergence_delta:
+            return
+        separate = run.options.separate_targets
+        lead = len(job.batch) + (1 if separate else 0)
+        total = torch.stack([_feature_sum(a, lead) for a in attrs.values()]).sum(0)
+        f_x, f_b = job.extras["f_ends"]  # ([K,] N) each
+        diff = f_x - f_b
+        if separate:
+            diff = diff.movedim(0, 1)
+        diff = diff.reshape(torch.Size((*job.batch, *diff.shape[1:])))
+        job.td.set(KEYS.convergence_delta, (total - diff.to(total.dtype)).detach())
+
+
+def _positive_or_none(value: Any, name: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise AttributionError(f"{name} must be a positive int or None, got {value!r}. E.g. {name}=8.")
+    return value
+
+
+class IntegratedGradients(GradientAttribution):
     """Integrated gradients (Sundararajan et al., 2017) along the straight path baseline → input.
 
     ``(attr, k) = Σ_i w_i ∂F/∂x(b + α_i (x − b))`` (times ``x − b`` with ``multiply_by_inputs``),
@@ -231,8 +266,9 @@ class IntegratedGradients(GradientAttributionWithBaseline):
     baseline inputs (or ``(baseline_key, module)`` if present) and on the inputs. This is how to
     attribute token ids (through the embedding module).
 
+    An empty batch (0 samples) gives empty attributions (and an empty ``"convergence_delta"``).
+
     Args:
-        *args: The shared arguments of :class:`GradientAttribution`, in order.
         compute_convergence_delta: Write ``"convergence_delta"`` (batch ``B``, ``(*B, K)`` with
             ``separate_targets``): ``Σ attr − (F(x) − F(b))``, where ``F`` is the seeded target.
         baseline_key: Root key of the baselines.
@@ -242,7 +278,9 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         chunk_size: Steps per forward/backward pass (``None``: all at once).
         max_batch_size: A memory budget: at most this many rows (batch × steps) per forward
             pass; the chunk shrinks to fit.
-        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+        options: A ready :class:`~tdhook.attribution.GradientOptions`.
+        **settings: The shared settings, see :class:`~tdhook.attribution.GradientOptions`; also
+            accepted in tdhook 0.1's positional order.
 
     Raises:
         AttributionError: For an unknown method, too few steps or a bad chunk size
@@ -261,9 +299,10 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         True
     """
 
+    @accepts_positional(*SHARED_POSITIONAL)
     def __init__(
         self,
-        *args: Any,
+        *,
         compute_convergence_delta: bool = False,
         baseline_key: str = KEYS.baseline,
         multiply_by_inputs: bool = False,
@@ -271,29 +310,33 @@ class IntegratedGradients(GradientAttributionWithBaseline):
         n_steps: int = 50,
         chunk_size: int | None = None,
         max_batch_size: int | None = None,
-        **kwargs: Any,
+        options: GradientOptions | None = None,
+        **settings: Unpack[GradientSettings],
     ) -> None:
-        super().__init__(*args, baseline_key=baseline_key, multiply_by_inputs=multiply_by_inputs, **kwargs)
         self.method = IntegrationMethod.parse(method)
         if not isinstance(n_steps, int) or isinstance(n_steps, bool):
-            raise AttributionError(f"n_steps must be an int, got {type(n_steps).__name__}.")
+            raise AttributionError(f"n_steps must be an int, got {type(n_steps).__name__}. E.g. n_steps=50.")
         minimum = 1 if self.method is IntegrationMethod.GAUSS_LEGENDRE else 2
         if n_steps < minimum:
             raise AttributionError(
                 f"n_steps={n_steps} is too few for method {self.method.value!r}: at least {minimum} "
                 "steps are needed. Use n_steps=50 (the default)."
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         self.n_steps = n_steps
         self.compute_convergence_delta = bool(compute_convergence_delta)
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
-            raise AttributionError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}.")
-        self._chunk_size = chunk_size
-        self._max_rows = max_batch_size
+        self.baseline_key = baseline_key
+        self.multiply_by_inputs = bool(multiply_by_inputs)
         step_fn, alpha_fn = approximation_parameters(self.method)
-        self._step_sizes = torch.tensor(step_fn(n_steps), dtype=torch.float64)
-        self._alphas = torch.tensor(alpha_fn(n_steps), dtype=torch.float64)
+        sampler = PathSampler(
+            alphas=torch.tensor(alpha_fn(n_steps), dtype=torch.float64),
+            step_sizes=torch.tensor(step_fn(n_steps), dtype=torch.float64),
+            baseline_key=baseline_key,
+            compute_convergence_delta=self.compute_convergence_delta,
+            chunk_size=_positive_or_none(chunk_size, "chunk_size"),
+            max_rows=_positive_or_none(max_batch_size, "max_batch_size"),
+        )
+        resolved = GradientOptions.build(options, settings, type(self).__name__)
+        self._configure(resolved, sampler, GradTimesInput(multiply=self.multiply_by_inputs))
 
     @staticmethod
     def init_attr_targets_with_labels(
@@ -326,127 +369,6 @@ class IntegratedGradients(GradientAttributionWithBaseline):
             result.set(key, target.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1))
         return result
 
-    # -- sampling --------------------------------------------------------------------------------
-    def _n_points(self, job: _Job) -> int:
-        return self.n_steps
-
-    def _prepare_job(self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any]) -> None:
-        x = job.model_inputs
-        baselines = self._read_baselines(job)
-        dtype_device = next(iter(x.values()))
-        job.extras["alphas"] = self._alphas.to(dtype=torch.float32, device=dtype_device.device)
-        job.extras["baselines"] = baselines
-        job.extras["diffs"] = {k: x[k] - baselines[k] for k in job.attributed}
-        layer_mode = not job.attributed and bool(self.input_modules)
-        need_pass = bool(self.input_modules) or self.compute_convergence_delta
-        attr_inputs = {_key_str(k): v for k, v in job.extras["diffs"].items()}
-        if not need_pass:
-            job.attr_inputs = attr_inputs
-            return
-        # One no-grad pass over [x; baseline] (2N rows): outputs at x, F(x) and F(b) for the delta,
-        # and the activations of input_modules at both ends of the path.
-        work = TensorDict(batch_size=[2 * job.n])
-        present = job.td.keys(include_nested=True)
-        if layer_mode and not all((self.baseline_key, m) in present for m in self.input_modules):
-            check_keys(
-                job.td,
-                [self._baseline_key(k) for k in x],
-                what=f"baseline (or activation baselines {[(self.baseline_key, m) for m in self.input_modules]})",
-            )
-        for key, value in x.items():
-            base = baselines.get(key)
-            if base is None:
-                bkey = self._baseline_key(key)
-                base = job.td.get(bkey).reshape(value.shape) if layer_mode and bkey in present else value
-            work.set(key, torch.cat([value, base.to(value.dtype)]))
-        state = self._state
-        state.record = {}
-        state.targets = {}
-        try:
-            with torch.no_grad():
-                out = call_next(work)
-        finally:
-            record, state.record = state.record, None
-            module_targets, state.targets = state.targets, {}
-        job.outputs = {k: _halves(out.get(k), job.batch)[0] for k in hooked.out_keys}
-        module_ends = {}
-        for key in self.input_modules:
-            act = record[key]
-            act_x, act_b = act[: job.n], act[job.n :]
-            bkey = (self.baseline_key, key)
-            if bkey in job.td.keys(include_nested=True):
-                act_b = job.td.get(bkey).reshape(act_x.shape).to(act_x)
-            module_ends[key] = (act_x, act_b)
-            attr_inputs[key] = act_x - act_b
-        job.extras["module_ends"] = module_ends
-        job.extras["layer_mode"] = layer_mode
-        job.attr_inputs = attr_inputs
-        if self.compute_convergence_delta:
-            # F(x) and F(b): the callbacks see the caller's batch B for each end (not (2, *B)).
-            ends = []
-            for half in (slice(0, job.n), slice(job.n, 2 * job.n)):
-                t_list, s_list = self._targets_and_seeds(
-                    hooked,
-                    out[half],
-                    {k: v[half] for k, v in module_targets.items()},
-                    job.batch,
-                    job.additional,
-                    check_grad=False,
-                    index=job.target_index,
-                )
-                ends.append(_seeded_sum(t_list, s_list, job.n, self.separate_targets))
-            job.extras["f_ends"] = ends
-
-    def _points(self, job: _Job, start: int, stop: int) -> dict[NestedKey, torch.Tensor]:
-        alphas = job.extras["alphas"][start:stop]
-        c = stop - start
-        out = {}
-        for key in job.attributed:
-            b = job.extras["baselines"][key]
-            d = job.extras["diffs"][key]
-            a = alphas.view(1, c, *([1] * (d.dim() - 1))).to(d.dtype)
-            out[key] = torch.addcmul(b.unsqueeze(1), a, d.unsqueeze(1)).reshape(job.n * c, *d.shape[1:])
-        return out
-
-    def _point_weights(self, job: _Job, start: int, stop: int) -> torch.Tensor | None:
-        return self._step_sizes[start:stop]
-
-    def _module_transforms(
-        self, job: _Job, start: int, stop: int
-    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        if not job.extras.get("layer_mode"):
-            return {}
-        alphas = job.extras["alphas"][start:stop]
-        return {
-            key: _Interpolated(act_b, act_x - act_b, alphas)
-            for key, (act_x, act_b) in job.extras["module_ends"].items()
-        }
-
-    def _grad_attr(
-        self, grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        return gradient_times_input(grads, inputs, absolute=False, multiply=self.multiply_by_inputs)
-
-    def _finish_job(
-        self,
-        hooked: HookedModule,
-        job: _Job,
-        call_next: Callable[..., Any],
-        attrs: dict[str, torch.Tensor],
-        inputs: dict[str, torch.Tensor],
-    ) -> None:
-        if not self.compute_convergence_delta:
-            return
-        nb = len(job.batch)
-        lead = nb + (1 if self.separate_targets else 0)
-        total = torch.stack([a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values()]).sum(0)
-        f_x, f_b = job.extras["f_ends"]  # ([K,] N) each
-        diff = f_x - f_b
-        if self.separate_targets:
-            diff = diff.movedim(0, 1)
-        diff = diff.reshape(torch.Size((*job.batch, *diff.shape[1:])))
-        job.td.set(KEYS.convergence_delta, (total - diff.to(total.dtype)).detach())
-
 
 def _halves(value: Any, batch: torch.Size) -> tuple[Any, Any]:
     n = value.shape[0] // 2
@@ -458,15 +380,24 @@ def _halves(value: Any, batch: torch.Size) -> tuple[Any, Any]:
 
 
 def _seeded_sum(
-    t_list: list[torch.Tensor], s_list: list[torch.Tensor], rows: int, separate: bool
+    t_list: list[torch.Tensor], s_list: list[torch.Tensor], batch: torch.Size, separate: bool
 ) -> torch.Tensor:
-    """``Σ seed ⊙ target`` per row (``(K, rows)`` with separate targets)."""
-    total: torch.Tensor | int = 0
+    """``Σ seed ⊙ target`` per row (``(K, N)`` with separate targets); also for an empty batch."""
+    rows = batch.numel()
+    total = torch.zeros(())
     for t, s in zip(t_list, s_list):
-        prod = (s * t).reshape(s.shape[0], rows, -1) if separate else (s * t).reshape(rows, -1)
-        total = total + prod.sum(-1)
-    assert isinstance(total, torch.Tensor)
+        prod = s * t
+        if rows == 0:  # nothing to sum: one empty value per (absent) row
+            part = prod.new_zeros((prod.shape[0], 0) if separate else (0,))
+        else:
+            part = (prod.reshape(prod.shape[0], rows, -1) if separate else prod.reshape(rows, -1)).sum(-1)
+        total = total.to(part) + part
     return total
+
+
+def _feature_sum(value: torch.Tensor, lead: int) -> torch.Tensor:
+    """Sum over every dimension after the first ``lead`` (none: the value itself)."""
+    return value.sum(dim=list(range(lead, value.dim()))) if value.dim() > lead else value
 
 
 class _Interpolated:

@@ -15,9 +15,11 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
-from .._core.hooked import HookedModule
+from ..core import HookedModule
+from ._engine import GradientAttribution, Run
 from ._errors import KEYS, AttributionError
-from ._gradient import AttrCallback, GradientAttribution, _key_str, module_names
+from ._options import AttrCallback, GradientOptions, module_names
+from ._targets import key_str
 
 __all__ = ["ActivationMaximisation"]
 
@@ -70,15 +72,17 @@ class ActivationMaximisation(GradientAttribution):
                 f"min_value={min_value!r} and max_value={max_value!r} must be numbers with min_value <= "
                 "max_value (the clamp range of the inputs)."
             )
-        super().__init__(
-            use_inputs=True,
-            use_outputs=False,
-            target_modules=modules,
-            init_attr_targets=init_attr_targets,
-            init_attr_grads=init_attr_grads,
-            additional_init_keys=additional_init_keys,
-            attribution_key=attribution_key,
-            clean_intermediate_keys=clean_intermediate_keys,
+        self._configure(
+            GradientOptions(
+                use_inputs=True,
+                use_outputs=False,
+                target_modules=modules,
+                init_attr_targets=init_attr_targets,
+                init_attr_grads=init_attr_grads,
+                additional_init_keys=additional_init_keys,
+                attribution_key=attribution_key,
+                clean_intermediate_keys=clean_intermediate_keys,
+            )
         )
         self.alpha = float(alpha)
         self.n_steps = n_steps
@@ -88,18 +92,21 @@ class ActivationMaximisation(GradientAttribution):
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
     ) -> Any:
-        job = self._make_job(hooked, td)
-        outputs = self._plain_outputs(hooked, job, call_next, **kwargs)
+        run = Run(self, hooked, call_next, kwargs)
+        job = self.make_job(hooked, td)
+        outputs = self.plain_outputs(run, job)
         current = {k: job.model_inputs[k].detach().clone() for k in job.attributed}
         for _ in range(self.n_steps):
             job.model_inputs.update(current)
-            grads, _, _ = self._gradients(hooked, job, call_next, **kwargs)
+            grads, _, _ = self.gradients(run, job)
             current = {
-                k: (current[k] + self.alpha * grads[_key_str(k)]).clamp(self.min_value, self.max_value)
+                k: (current[k] + self.alpha * grads[key_str(k)]).clamp(self.min_value, self.max_value)
                 for k in job.attributed
             }
         for key in hooked.out_keys:
             td.set(key, outputs[key])
         for key, value in current.items():
-            td.set((self.attribution_key, key), value.reshape(torch.Size((*job.batch, *value.shape[1:]))))
+            td.set(
+                (self.options.attribution_key, key), value.reshape(torch.Size((*job.batch, *value.shape[1:])))
+            )
         return td

@@ -16,13 +16,11 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from .._core.directions import Installable
-from .._core.factory import HookingContextFactory
-from .._core.hooked import HookedModule
-from .._core.keys import check_keys
-from .._core.lifecycle import HookingContext
+from ..core import HookedModule, HookingContext, HookingContextFactory, Installable, check_keys
+from ._engine import GradientAttribution
 from ._errors import AttributionError
-from ._gradient import GradientAttribution, Saliency, check_finite, check_per_sample_targets
+from ._gradient import Saliency
+from ._targets import check_finite, check_per_sample_targets
 
 __all__ = ["SmoothGrad", "VarGrad"]
 
@@ -74,7 +72,7 @@ class _NoiseTunnel(HookingContextFactory):
         return self.method.attribution_key
 
     def _plan(self, hooked: HookedModule) -> list[Installable]:
-        return list(self.method._plan(hooked))
+        return list(self.method._plan(hooked))  # the wrapped method's hooks, installed once
 
     def _enter(self, context: HookingContext) -> None:
         self.method._enter(context)
@@ -95,10 +93,10 @@ class _NoiseTunnel(HookingContextFactory):
         batch, n = td.batch_size, td.batch_size.numel()
         noisy_keys = [k for k in hooked.in_keys if torch.is_floating_point(td.get(k))]
         index = None
-        if isinstance(self.method.targets, torch.Tensor):
-            check_per_sample_targets(self.method.targets, batch)
-            index = self.method.targets.reshape(n)
-        if self.method.check_finite:
+        if isinstance(self.method.options.targets, torch.Tensor):
+            check_per_sample_targets(self.method.options.targets, batch)
+            index = self.method.options.targets.reshape(n)
+        if self.method.options.check_finite:
             for key in noisy_keys:
                 check_finite(td.get(key), f"input {key!r}")
         attr_key = self.method.attribution_key
@@ -114,7 +112,7 @@ class _NoiseTunnel(HookingContextFactory):
                 x = rep.get(key)
                 rep.set(key, x + self._noise(tuple(x.shape), x))
             rep_index = None if index is None else index.repeat_interleave(c)
-            out = self.method._attribute(hooked, rep, call_next, kwargs, rep_index)
+            out = self.method.attribute(hooked, rep, call_next, kwargs, rep_index)
             for key, value in out.get(attr_key).items(include_nested=True, leaves_only=True):
                 v = value.reshape(n, c, *value.shape[1:])
                 part = v.sum(1)

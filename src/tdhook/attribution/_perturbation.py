@@ -16,18 +16,10 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
-from .._core.factory import HookingContextFactory
-from .._core.hooked import HookedModule
-from .._core.keys import check_keys
+from ..core import HookedModule, HookingContextFactory, check_keys
 from ._errors import KEYS, AttributionError, BaselineError, TargetError
-from ._gradient import (
-    AttrCallback,
-    TargetsArg,
-    _key_str,
-    check_finite,
-    check_per_sample_targets,
-    parse_targets,
-)
+from ._options import AttrCallback, TargetsArg, parse_targets
+from ._targets import check_finite, check_per_sample_targets, key_str
 
 __all__ = ["FeatureAblation", "Occlusion"]
 
@@ -253,7 +245,7 @@ class FeatureAblation(_Perturbation):
             ids = ids.expand(feature_shape)
         except RuntimeError:
             raise AttributionError(
-                f"feature_mask[{_key_str(key)!r}] has shape {tuple(ids.shape)}, which does not broadcast to the "
+                f"feature_mask[{key_str(key)!r}] has shape {tuple(ids.shape)}, which does not broadcast to the "
                 f"feature shape {tuple(feature_shape)}."
             ) from None
         groups = torch.unique(ids)

@@ -9,19 +9,20 @@ chunk go through the model in one forward and one backward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from tensordict.utils import NestedKey
+from typing_extensions import Unpack
 
-from .._core.hooked import HookedModule
+from ._engine import GradientAttribution, Job, Run, Sampler, as_is
 from ._errors import KEYS, AttributionError, BaselineError
-from ._gradient import _Job, _key_str, check_finite
-from ._integrated import GradientAttributionWithBaseline
+from ._integrated import read_baselines
+from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
+from ._targets import check_finite, key_str
 
-__all__ = ["GradientShap"]
+__all__ = ["GradientShap", "ShapDraws", "ShapSampler"]
 
 
 @dataclass
@@ -39,64 +40,25 @@ class ShapDraws:
     alpha: torch.Tensor
 
 
-class GradientShap(GradientAttributionWithBaseline):
-    """GradientShap: SmoothGrad-noised, randomly-baselined input × gradient (captum's values).
+@dataclass(frozen=True)
+class ShapSampler(Sampler):
+    """GradientShap's points: ``b + α (x̃ − b)`` for random noise, baselines and ``α``.
 
-    Baselines: ``baselines={in_key: tensor[M, *feature]}`` is a distribution shared by all rows;
-    otherwise each row uses its own ``(baseline_key, in_key)`` entry.
-
-    Args:
-        *args: The shared arguments of :class:`GradientAttribution`, in order.
-        n_samples: Samples per input row.
-        stdevs: Standard deviation of the noise added to the inputs.
-        baselines: Baseline distributions per in_key (``None``: read from the TensorDict).
-        multiply_by_inputs: Multiply each sample's gradient by ``x̃ − b`` (captum's default).
-        chunk_size: Samples per forward/backward pass (``None``: all).
-        max_batch_size: A memory budget: at most this many rows (batch × samples) per forward
-            pass; the chunk shrinks to fit.
-        generator: A ``torch.Generator`` for reproducible draws.
-        baseline_key: Root key of the per-row baselines.
-        **kwargs: The shared keyword arguments of :class:`GradientAttribution`.
+    Each point's gradient is multiplied by ``x̃ − b`` (with ``multiply_by_inputs``) and the mean
+    is taken over the ``n_samples`` points.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        n_samples: int = 5,
-        stdevs: float = 0.0,
-        baselines: Mapping[NestedKey, torch.Tensor] | None = None,
-        multiply_by_inputs: bool = True,
-        chunk_size: int | None = None,
-        max_batch_size: int | None = None,
-        generator: torch.Generator | None = None,
-        baseline_key: str = KEYS.baseline,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, baseline_key=baseline_key, multiply_by_inputs=multiply_by_inputs, **kwargs)
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            raise AttributionError(f"n_samples must be a positive int, got {n_samples!r}.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-        if (
-            isinstance(stdevs, bool)
-            or not isinstance(stdevs, (int, float))
-            or not math.isfinite(stdevs)
-            or stdevs < 0
-        ):
-            raise AttributionError(
-                f"stdevs must be a finite number >= 0 (the noise standard deviation), got {stdevs!r}."
-            )
-        self.n_samples = n_samples
-        self.stdevs = float(stdevs)
-        self.baselines = dict(baselines) if baselines is not None else None
-        self.generator = generator
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
-            raise AttributionError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}.")
-        self._chunk_size = chunk_size
-        self._max_rows = max_batch_size
+    n_samples: int
+    stdevs: float
+    baselines: Mapping[NestedKey, torch.Tensor] | None
+    multiply_by_inputs: bool
+    baseline_key: str
+    generator: torch.Generator | None = field(default=None, compare=False)
+    chunk_size: int | None = None
+    max_rows: int | None = None
 
-    def _draw(self, job: _Job, sizes: dict[NestedKey, int]) -> ShapDraws:
-        """Draw noise, baseline indices and path positions (override to replay other draws)."""
+    def draw(self, job: Job, sizes: dict[NestedKey, int]) -> ShapDraws:
+        """Draw noise, baseline indices and path positions."""
         n, s, g = job.n, self.n_samples, self.generator
         x0 = job.model_inputs[job.attributed[0]]
         noise = {}
@@ -109,13 +71,17 @@ class GradientShap(GradientAttributionWithBaseline):
         alpha = torch.rand((n, s), generator=g, device="cpu").to(x0.device, x0.dtype)
         return ShapDraws(noise, index, alpha)
 
-    def _n_points(self, job: _Job) -> int:
+    def n_points(self, job: Job) -> int:
         return self.n_samples
 
-    def _prepare_job(self, hooked: HookedModule, job: _Job, call_next: Callable[..., Any]) -> None:
+    def prepare(self, run: Run, job: Job) -> None:
         if not job.attributed:
-            raise AttributionError("GradientShap attributes to model inputs; set use_inputs=True.")
+            raise AttributionError(
+                "GradientShap attributes to model inputs, and none is attributed; set use_inputs=True "
+                "(or init_attr_inputs returning inputs)."
+            )
         n, s = job.n, self.n_samples
+        finite = run.options.check_finite
         if self.baselines is not None:
             dists = {}
             for key in job.attributed:
@@ -131,22 +97,22 @@ class GradientShap(GradientAttributionWithBaseline):
                         f"Baseline distribution for {key!r} has shape {tuple(b.shape)} on {b.device}; expected "
                         f"[M, {', '.join(map(str, x.shape[1:]))}] on {x.device}."
                     )
-                if self.check_finite:
+                if finite:
                     check_finite(b, f"baseline distribution {key!r}")
                 dists[key] = b.to(x.dtype)
-            draws = self._draw(job, {k: v.shape[0] for k, v in dists.items()})
+            draws = self.draw(job, {k: v.shape[0] for k, v in dists.items()})
             chosen = {k: dists[k][draws.index] for k in job.attributed}
         else:
-            per_row = self._read_baselines(job)
-            draws = self._draw(job, dict.fromkeys(job.attributed, 1))
+            per_row = read_baselines(job, self.baseline_key, finite=finite)
+            draws = self.draw(job, dict.fromkeys(job.attributed, 1))
             chosen = {k: b.unsqueeze(1).expand(n, s, *b.shape[1:]) for k, b in per_row.items()}
         noisy = {k: job.model_inputs[k].unsqueeze(1) + draws.noise[k] for k in job.attributed}
         job.extras["chosen"] = chosen
         job.extras["diff"] = {k: noisy[k] - chosen[k] for k in job.attributed}
         job.extras["alpha"] = draws.alpha
-        job.attr_inputs = {_key_str(k): torch.ones_like(job.model_inputs[k]) for k in job.attributed}
+        job.attr_inputs = {key_str(k): torch.ones_like(job.model_inputs[k]) for k in job.attributed}
 
-    def _points(self, job: _Job, start: int, stop: int) -> dict[NestedKey, torch.Tensor]:
+    def points(self, job: Job, start: int, stop: int) -> dict[NestedKey, torch.Tensor]:
         out = {}
         a = job.extras["alpha"][:, start:stop]
         for key in job.attributed:
@@ -156,12 +122,89 @@ class GradientShap(GradientAttributionWithBaseline):
             out[key] = (b + av * d).reshape(-1, *d.shape[2:])
         return out
 
-    def _point_weights(self, job: _Job, start: int, stop: int) -> torch.Tensor | None:
+    def weights(self, job: Job, start: int, stop: int) -> torch.Tensor | None:
         return torch.full((stop - start,), 1.0 / self.n_samples, dtype=torch.float64)
 
-    def _point_factors(self, job: _Job, start: int, stop: int) -> dict[str, torch.Tensor] | None:
+    def factors(self, job: Job, start: int, stop: int) -> dict[str, torch.Tensor] | None:
         if not self.multiply_by_inputs:
             return None
-        return {
-            _key_str(k): d[:, start:stop].reshape(-1, *d.shape[2:]) for k, d in job.extras["diff"].items()
-        }
+        return {key_str(k): d[:, start:stop].reshape(-1, *d.shape[2:]) for k, d in job.extras["diff"].items()}
+
+
+def _positive(value: object, name: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AttributionError(
+            f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}. E.g. {name}=4."
+        )
+
+
+class GradientShap(GradientAttribution):
+    """GradientShap: SmoothGrad-noised, randomly-baselined input × gradient (captum's values).
+
+    Baselines: ``baselines={in_key: tensor[M, *feature]}`` is a distribution shared by all rows;
+    otherwise each row uses its own ``(baseline_key, in_key)`` entry.
+
+    Args:
+        n_samples: Samples per input row.
+        stdevs: Standard deviation of the noise added to the inputs.
+        baselines: Baseline distributions per in_key (``None``: read from the TensorDict).
+        multiply_by_inputs: Multiply each sample's gradient by ``x̃ − b`` (captum's default).
+        chunk_size: Samples per forward/backward pass (``None``: all).
+        max_batch_size: A memory budget: at most this many rows (batch × samples) per forward
+            pass; the chunk shrinks to fit.
+        generator: A ``torch.Generator`` for reproducible draws.
+        baseline_key: Root key of the per-row baselines.
+        options: A ready :class:`~tdhook.attribution.GradientOptions`.
+        **settings: The shared settings, see :class:`~tdhook.attribution.GradientOptions`; also
+            accepted in tdhook 0.1's positional order.
+
+    Raises:
+        AttributionError: For a bad ``n_samples``, ``stdevs``, ``chunk_size`` or
+            ``max_batch_size`` (a ``ValueError``).
+    """
+
+    @accepts_positional(*SHARED_POSITIONAL)
+    def __init__(
+        self,
+        *,
+        n_samples: int = 5,
+        stdevs: float = 0.0,
+        baselines: Mapping[NestedKey, torch.Tensor] | None = None,
+        multiply_by_inputs: bool = True,
+        chunk_size: int | None = None,
+        max_batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        baseline_key: str = KEYS.baseline,
+        options: GradientOptions | None = None,
+        **settings: Unpack[GradientSettings],
+    ) -> None:
+        _positive(n_samples, "n_samples", optional=False)
+        _positive(chunk_size, "chunk_size", optional=True)
+        _positive(max_batch_size, "max_batch_size", optional=True)
+        if (
+            isinstance(stdevs, bool)
+            or not isinstance(stdevs, (int, float))
+            or not math.isfinite(stdevs)
+            or stdevs < 0
+        ):
+            raise AttributionError(
+                f"stdevs must be a finite number >= 0 (the noise standard deviation), got {stdevs!r}."
+            )
+        self.n_samples = n_samples
+        self.stdevs = float(stdevs)
+        self.baseline_key = baseline_key
+        self.multiply_by_inputs = bool(multiply_by_inputs)
+        sampler = ShapSampler(
+            n_samples=n_samples,
+            stdevs=self.stdevs,
+            baselines=dict(baselines) if baselines is not None else None,
+            multiply_by_inputs=self.multiply_by_inputs,
+            baseline_key=baseline_key,
+            generator=generator,
+            chunk_size=chunk_size,
+            max_rows=max_batch_size,
+        )
+        resolved = GradientOptions.build(options, settings, type(self).__name__)
+        self._configure(resolved, sampler, as_is)

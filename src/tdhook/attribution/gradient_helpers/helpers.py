@@ -1,6 +1,6 @@
 """Compatibility path (tdhook 0.1): ``tdhook.attribution.gradient_helpers.helpers``."""
 
-from .._integrated import (
+from .._quadrature import (
     SUPPORTED_METHODS,
     SUPPORTED_RIEMANN_METHODS,
     Riemann,

@@ -1,6 +1,6 @@
 """Reversible model edits for LRP: parameter swaps and canonizers (part of :mod:`tdhook.attribution.lrp`).
 
-Every edit is an :class:`~tdhook._core.directions.Installable`: ``install()`` changes the model and
+Every edit is an :class:`~tdhook.core.Installable`: ``install()`` changes the model and
 returns a handle whose ``remove()`` restores it bit for bit. Parameters are edited in place (the
 same ``nn.Parameter`` objects, so optimisers and tied weights keep working) from saved copies;
 a missing bias is added as a new parameter and removed again.
@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._core.directions import HandleGroup, Installable, install
-from ..._core.paths import resolve_path
+from ...core import HandleGroup, Installable, install, resolve_path
 from ._errors import CanonizerError
 from ._types import BatchNorm, ConvolutionStandard, Dense
 

@@ -16,22 +16,21 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
-from tensordict.utils import NestedKey
 from torch import nn
+from typing_extensions import Unpack
 
-from ..._core.directions import Installable
-from ..._core.hooked import HookedModule
+from ...core import HookedModule, Installable
 from ...errors import TdhookWarning
-from .._errors import KEYS, AttributionError
-from .._gradient import AttrCallback, GradientAttribution
+from .._engine import GradientAttribution
+from .._errors import AttributionError
+from .._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
 from ._canonizers import Canonizer, _Assign
 from ._composites import BaseRuleMapper, RuleMapper
 from ._errors import ConcurrentLRPError, RuleMappingError
@@ -62,7 +61,8 @@ class RelevanceSeed(str, Enum):
             return cls(value)
         except ValueError:
             raise AttributionError(
-                f"Unknown init_relevance {value!r}; expected one of {[s.value for s in cls]}."
+                f"Unknown init_relevance {value!r}; expected one of {[s.value for s in cls]}, e.g. "
+                "init_relevance='outputs'."
             ) from None
 
 
@@ -70,129 +70,28 @@ _CONTAINER_NAMES = frozenset({"", "td_module", "module"})
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict, TensorDictModule)
 
 
-class LRP(GradientAttribution):
-    """Layer-wise relevance propagation (Bach et al., 2015) with per-module rules.
+SkipFn = Callable[[str, nn.Module], bool]
 
-    Args:
-        use_inputs: The first of the shared arguments of
-            :class:`~tdhook.attribution.GradientAttribution` (up to ``cache_callback``), which
-            document them.
-        use_outputs: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        input_modules: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        target_modules: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        init_attr_targets: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        init_attr_inputs: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        init_attr_cache_in: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        init_attr_grads: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        additional_init_keys: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        output_grad_callbacks: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        attribution_key: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        clean_intermediate_keys: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        cache_callback: Shared, see :class:`~tdhook.attribution.GradientAttribution`.
-        rule_mapper: ``(name, module) -> Rule | str | None`` for every module of the
-            TensorDict-level model (names ``"module.0"``...), e.g. :class:`EpsilonPlus`. A string
-            is a :class:`RuleName`. ``None``: no rule anywhere (plain gradient).
-        warn_on_missing_rule: Warn (one :class:`MissingRuleWarning` listing them) about leaf
-            modules that got no rule.
-        skip_modules: ``(name, module) -> bool``; skipped modules get no rule and no warning.
-            Default: :meth:`default_skip` (containers).
-        canonizers: Reversible edits applied around the context, e.g. ``[MergeBatchNorm()]``.
-        init_relevance: Seed when ``init_attr_grads`` is not given: ``"ones"`` (tdhook 0.1) or
-            ``"outputs"`` (the target values, e.g. the logit of the ``targets`` class).
-        targets: See :class:`~tdhook.attribution.GradientAttribution`.
-        separate_targets: See :class:`~tdhook.attribution.GradientAttribution`.
 
-    Raises:
-        RuleMappingError: At enter, when the mapper returns something that is not a rule.
+def default_skip(name: str, module: nn.Module) -> bool:
+    """True for containers: ``nn.Sequential``/``ModuleList``/``ModuleDict``/``TensorDictModule``,
+    and the wrapper names ``""``, ``"td_module"``, ``"module"`` when they have submodules (a
+    model that is a single layer still gets its rule)."""
+    if isinstance(module, _CONTAINERS):
+        return True
+    return name in _CONTAINER_NAMES and next(module.children(), None) is not None
 
-    Examples:
-        >>> import torch
-        >>> from tensordict import TensorDict
-        >>> from tdhook.attribution.lrp import EpsilonPlus
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-        >>> with LRP(rule_mapper=EpsilonPlus(), targets=[1], init_relevance="outputs").prepare(model) as hooked:
-        ...     td = hooked(TensorDict(input=torch.randn(5, 3), batch_size=[5]))
-        >>> td["attr", "input"].shape
-        torch.Size([5, 3])
-    """
 
-    def __init__(
-        self,
-        use_inputs: bool = True,
-        use_outputs: bool = True,
-        input_modules: Sequence[str] | None = None,
-        target_modules: Sequence[str] | None = None,
-        init_attr_targets: AttrCallback | None = None,
-        init_attr_inputs: AttrCallback | None = None,
-        init_attr_cache_in: AttrCallback | None = None,
-        init_attr_grads: AttrCallback | None = None,
-        additional_init_keys: Sequence[NestedKey] | None = None,
-        output_grad_callbacks: Mapping[str, Callable[..., Any]] | None = None,
-        attribution_key: str = KEYS.attr,
-        clean_intermediate_keys: bool = True,
-        cache_callback: Callable[..., Any] | None = None,
-        rule_mapper: RuleMapper | None = None,
-        warn_on_missing_rule: bool = True,
-        skip_modules: Callable[[str, nn.Module], bool] | None = None,
-        *,
-        canonizers: Sequence[Canonizer] = (),
-        init_relevance: str | RelevanceSeed = RelevanceSeed.ONES,
-        targets: int | Sequence[int] | None = None,
-        separate_targets: bool = False,
-    ) -> None:
-        super().__init__(
-            use_inputs,
-            use_outputs,
-            input_modules,
-            target_modules,
-            init_attr_targets,
-            init_attr_inputs,
-            init_attr_cache_in,
-            init_attr_grads,
-            additional_init_keys,
-            output_grad_callbacks,
-            attribution_key,
-            clean_intermediate_keys,
-            cache_callback,
-            targets=targets,
-            separate_targets=separate_targets,
-        )
-        if rule_mapper is not None and not callable(rule_mapper):
-            raise RuleMappingError(
-                f"rule_mapper must be callable as (name, module) -> Rule | None, got {type(rule_mapper).__name__}. "
-                "Pass e.g. EpsilonPlus() or a function."
-            )
-        if skip_modules is not None and not callable(skip_modules):
-            raise AttributionError(
-                f"skip_modules must be callable as (name, module) -> bool, got {type(skip_modules).__name__}."
-            )
-        for canonizer in canonizers:
-            if not isinstance(canonizer, Canonizer):
-                raise AttributionError(
-                    f"canonizers must be Canonizer instances (e.g. MergeBatchNorm()), got {type(canonizer).__name__}."
-                )
-        self.rule_mapper = rule_mapper
-        self.warn_on_missing_rule = bool(warn_on_missing_rule)
-        self.skip_modules = skip_modules if skip_modules is not None else LRP.default_skip
-        self.canonizers = tuple(canonizers)
-        self.init_relevance = RelevanceSeed.parse(init_relevance)
+@dataclass(frozen=True)
+class _LRPEdits:
+    """LRP's model edits, planned at every enter (see the module docstring for the order)."""
 
-    @staticmethod
-    def default_skip(name: str, module: nn.Module) -> bool:
-        """True for containers: ``nn.Sequential``/``ModuleList``/``ModuleDict``/``TensorDictModule``,
-        and the wrapper names ``""``, ``"td_module"``, ``"module"`` when they have submodules (a
-        model that is a single layer still gets its rule)."""
-        if isinstance(module, _CONTAINERS):
-            return True
-        return name in _CONTAINER_NAMES and next(module.children(), None) is not None
+    rule_mapper: RuleMapper | None
+    warn_on_missing_rule: bool
+    skip_modules: SkipFn
+    canonizers: tuple[Canonizer, ...]
 
-    @staticmethod
-    def seed_with_outputs(targets: TensorDictBase, additional: TensorDictBase) -> TensorDictBase:
-        """An ``init_attr_grads`` seeding each target with its own (detached) value."""
-        return targets.detach()
-
-    # -- plan --------------------------------------------------------------------------------
-    def _rules(self, hooked: HookedModule) -> list[tuple[str, nn.Module, Rule]]:
+    def rules(self, hooked: HookedModule) -> list[tuple[str, nn.Module, Rule]]:
         mapper = self.rule_mapper
         if isinstance(mapper, BaseRuleMapper):
             mapper.reset()
@@ -213,12 +112,12 @@ class LRP(GradientAttribution):
                 f"No rule found for {len(missing)} module(s): {shown}. Their plain gradient carries the "
                 "relevance. Pass rule_mapper=EpsilonPlus() (or map them), or warn_on_missing_rule=False.",
                 MissingRuleWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         return ruled
 
-    def _plan(self, hooked: HookedModule) -> list[Installable]:
-        ruled = self._rules(hooked)
+    def __call__(self, hooked: HookedModule) -> list[Installable]:
+        ruled = self.rules(hooked)
         # First: refuse (before any edit) a model that another LRP context is explaining.
         plan: list[Installable] = [_LRPClaim(tuple(hooked.td_module.modules()))]
         for canonizer in self.canonizers:
@@ -231,16 +130,93 @@ class LRP(GradientAttribution):
             if _inplace_torch_module(module)
         )
         plan.extend(rule.bind(module) for _, module, rule in ruled if rule.installs_hook)
-        plan.extend(super()._plan(hooked))
         return plan
 
-    def _default_seed(
-        self, target: torch.Tensor, batch: torch.Size, index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        seed = super()._default_seed(target, batch, index)
-        if self.init_relevance is RelevanceSeed.OUTPUTS:
-            return seed * target.detach()
-        return seed
+
+class LRP(GradientAttribution):
+    """Layer-wise relevance propagation (Bach et al., 2015) with per-module rules.
+
+    The relevance is the engine's "gradient": the rules (installed as model edits while the
+    context is active) make the backward pass carry relevance, and ``(attr, k)`` is the relevance
+    of input ``k``. The shared settings (``targets``, ``init_attr_grads``...) are those of
+    :class:`~tdhook.attribution.GradientOptions`; tdhook 0.1's positional order (the shared
+    arguments, then ``rule_mapper, warn_on_missing_rule, skip_modules``) is accepted too.
+
+    Args:
+        rule_mapper: ``(name, module) -> Rule | str | None`` for every module of the
+            TensorDict-level model (names ``"module.0"``...), e.g. :class:`EpsilonPlus`. A string
+            is a :class:`RuleName`. ``None``: no rule anywhere (plain gradient).
+        warn_on_missing_rule: Warn (one :class:`MissingRuleWarning` listing them) about leaf
+            modules that got no rule.
+        skip_modules: ``(name, module) -> bool``; skipped modules get no rule and no warning.
+            Default: :meth:`default_skip` (containers).
+        canonizers: Reversible edits applied around the context, e.g. ``[MergeBatchNorm()]``.
+        init_relevance: Seed when ``init_attr_grads`` is not given: ``"ones"`` (tdhook 0.1) or
+            ``"outputs"`` (the target values, e.g. the logit of the ``targets`` class).
+        options: A ready :class:`~tdhook.attribution.GradientOptions`.
+        **settings: The shared settings, see :class:`~tdhook.attribution.GradientOptions`.
+
+    Raises:
+        RuleMappingError: For a ``rule_mapper`` that is not callable; at enter, when the mapper
+            returns something that is not a rule.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tdhook.attribution.lrp import EpsilonPlus
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> with LRP(rule_mapper=EpsilonPlus(), targets=[1], init_relevance="outputs").prepare(model) as hooked:
+        ...     td = hooked(TensorDict(input=torch.randn(5, 3), batch_size=[5]))
+        >>> td["attr", "input"].shape
+        torch.Size([5, 3])
+    """
+
+    default_skip = staticmethod(default_skip)
+
+    @accepts_positional(*SHARED_POSITIONAL, "rule_mapper", "warn_on_missing_rule", "skip_modules")
+    def __init__(
+        self,
+        *,
+        rule_mapper: RuleMapper | None = None,
+        warn_on_missing_rule: bool = True,
+        skip_modules: SkipFn | None = None,
+        canonizers: Sequence[Canonizer] = (),
+        init_relevance: str | RelevanceSeed = RelevanceSeed.ONES,
+        options: GradientOptions | None = None,
+        **settings: Unpack[GradientSettings],
+    ) -> None:
+        if rule_mapper is not None and not callable(rule_mapper):
+            raise RuleMappingError(
+                f"rule_mapper must be callable as (name, module) -> Rule | None, got {type(rule_mapper).__name__}. "
+                "Pass e.g. EpsilonPlus() or a function."
+            )
+        if skip_modules is not None and not callable(skip_modules):
+            raise AttributionError(
+                f"skip_modules must be callable as (name, module) -> bool, got {type(skip_modules).__name__}. "
+                "Pass e.g. LRP.default_skip."
+            )
+        for canonizer in canonizers:
+            if not isinstance(canonizer, Canonizer):
+                raise AttributionError(
+                    f"canonizers must be Canonizer instances (e.g. MergeBatchNorm()), got {type(canonizer).__name__}."
+                )
+        self.rule_mapper = rule_mapper
+        self.warn_on_missing_rule = bool(warn_on_missing_rule)
+        self.skip_modules = skip_modules if skip_modules is not None else default_skip
+        self.canonizers = tuple(canonizers)
+        self.init_relevance = RelevanceSeed.parse(init_relevance)
+        self._configure(
+            GradientOptions.build(options, settings, type(self).__name__),
+            edits_before=_LRPEdits(
+                rule_mapper, self.warn_on_missing_rule, self.skip_modules, self.canonizers
+            ),
+            seed_times_target=self.init_relevance is RelevanceSeed.OUTPUTS,
+        )
+
+    @staticmethod
+    def seed_with_outputs(targets: TensorDictBase, additional: TensorDictBase) -> TensorDictBase:
+        """An ``init_attr_grads`` seeding each target with its own (detached) value."""
+        return targets.detach()
 
 
 #: Modules under an active LRP context (rules on them, canonizer edits), from any thread.

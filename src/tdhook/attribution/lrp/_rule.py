@@ -27,7 +27,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
-from ..._core.directions import HookDirection, HookSpec
+from ...core import HookDirection, HookSpec
 from ._errors import RuleInputError
 
 __all__ = [
@@ -317,7 +317,7 @@ class RemovableRuleHandle:
 
 @dataclass(frozen=True, eq=False)
 class _BoundRule:
-    """An :class:`~tdhook._core.directions.Installable`: ``install()`` registers ``rule`` on ``module``."""
+    """An :class:`~tdhook.core.Installable`: ``install()`` registers ``rule`` on ``module``."""
 
     rule: Rule
     module: nn.Module

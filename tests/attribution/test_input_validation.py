@@ -262,3 +262,18 @@ def test_zero_row_inputs_to_perturbation_are_refused(mlp, make):
     td = TensorDict(input=torch.randn(0, 4), batch_size=[0])
     with pytest.raises(AttributionError, match="no rows"):
         _run(make(), mlp, td)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_gradcam_refuses_a_non_finite_input_before_the_model_runs(cnn, bad):
+    from tdhook.attribution import DimsConfig, GradCAM
+
+    x = torch.randn(2, 2, 6, 6)
+    x[1, 0, 2, 3] = bad
+    calls = []
+    handle = cnn.register_forward_hook(lambda *_: calls.append(1))
+    with GradCAM({"2": DimsConfig((-2, -1), (-3,))}).prepare(cnn) as hooked:
+        with pytest.raises(AttributionError, match=r"input 'input' holds 1 NaN/Inf"):
+            hooked(TensorDict(input=x, batch_size=[2]))
+    handle.remove()
+    assert not calls

@@ -187,3 +187,17 @@ def test_memory_budget_gives_the_same_values(mlp):
     torch.testing.assert_close(budget, full)
     with pytest.raises(ValueError, match="max_batch_size"):
         IntegratedGradients(max_batch_size=0)
+
+
+@pytest.mark.parametrize("batch", [(0,), (2, 0)])
+def test_an_empty_batch_gives_empty_attributions_and_delta(batch):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    td = TensorDict(input=torch.zeros(*batch, 4), batch_size=batch)
+    td["baseline", "input"] = torch.zeros(*batch, 4)
+    ig = IntegratedGradients(n_steps=5, chunk_size=2, compute_convergence_delta=True, input_modules=["0"])
+    with ig.prepare(model) as hooked:
+        out = hooked(td)
+    assert out["attr", "input"].shape == (*batch, 4)
+    assert out["attr", "0"].shape == (*batch, 3)
+    assert out["convergence_delta"].shape == batch
+    assert out["output"].shape == (*batch, 2)

@@ -19,11 +19,12 @@ from tensordict.utils import NestedKey
 from typing_extensions import Unpack
 
 from ..core import check_keys
-from ._engine import GradientAttribution, Job, Run, Sampler, as_is
+from ._engine import GradientAttribution
 from ._errors import KEYS, AttributionError, BaselineError
 from ._gradient import GradTimesInput
 from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
 from ._quadrature import IntegrationMethod, approximation_parameters
+from ._strategies import Job, Run, Sampler, as_is
 from ._targets import check_finite, key_str
 
 __all__ = ["GradientAttributionWithBaseline", "IntegratedGradients", "PathSampler", "read_baselines"]

@@ -16,7 +16,7 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
 from ..core import HookedModule
-from ._engine import GradientAttribution, Run
+from ._engine import GradientAttribution
 from ._errors import KEYS, AttributionError
 from ._options import AttrCallback, GradientOptions, module_names
 from ._targets import key_str
@@ -92,7 +92,7 @@ class ActivationMaximisation(GradientAttribution):
     def _call(
         self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
     ) -> Any:
-        run = Run(self, hooked, call_next, kwargs)
+        run = self.run(hooked, call_next, kwargs)
         job = self.make_job(hooked, td)
         outputs = self.plain_outputs(run, job)
         current = {k: job.model_inputs[k].detach().clone() for k in job.attributed}

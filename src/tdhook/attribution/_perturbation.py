@@ -10,18 +10,46 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, TypedDict
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
+from typing_extensions import Unpack
 
 from ..core import HookedModule, HookingContextFactory, check_keys
 from ._errors import KEYS, AttributionError, BaselineError, TargetError
 from ._options import AttrCallback, TargetsArg, parse_targets
 from ._targets import check_finite, check_per_sample_targets, key_str
 
-__all__ = ["FeatureAblation", "Occlusion"]
+__all__ = ["FeatureAblation", "Occlusion", "PerturbationSettings"]
+
+
+class PerturbationSettings(TypedDict, total=False):
+    """The settings shared by the perturbation methods (keyword arguments)."""
+
+    targets: TargetsArg
+    separate_targets: bool
+    init_attr_targets: AttrCallback | None
+    additional_init_keys: Sequence[NestedKey] | None
+    baseline_key: str
+    baseline_value: float
+    chunk_size: int | None
+    attribution_key: str
+    check_finite: bool
+
+
+class _Masks(Protocol):
+    """What varies between perturbation methods: the masks, and how overlapping ones combine."""
+
+    def masks(self, key: NestedKey, feature_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """``(W, *feature)`` float masks: 1 where the perturbation replaces the input."""
+        ...
+
+    def normalise(self, attr: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The attribution from the summed target drops of the masks covering each position."""
+        ...
 
 
 class _Perturbation(HookingContextFactory):
@@ -29,8 +57,9 @@ class _Perturbation(HookingContextFactory):
 
     _needs_tensordict = True
 
-    def __init__(
+    def _configure(
         self,
+        masks: _Masks,
         *,
         targets: TargetsArg = None,
         separate_targets: bool = False,
@@ -60,13 +89,7 @@ class _Perturbation(HookingContextFactory):
         self.check_finite = bool(check_finite)
         self.chunk_size = chunk_size
         self.attribution_key = attribution_key
-
-    def _masks(self, key: NestedKey, feature_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        """``(W, *feature)`` float masks: 1 where the perturbation replaces the input."""
-        raise NotImplementedError
-
-    def _normalise(self, attr: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return attr
+        self.masks = masks
 
     def _target_rows(
         self,
@@ -164,7 +187,7 @@ class _Perturbation(HookingContextFactory):
             for key in hooked.in_keys:
                 x = inputs[key]
                 base = self._baseline(td, key, x, batch)
-                masks = self._masks(key, x.shape[1:], x)
+                masks = self.masks.masks(key, x.shape[1:], x)
                 w_total = masks.shape[0]
                 chunk = self.chunk_size or w_total
                 diffs = []
@@ -185,7 +208,7 @@ class _Perturbation(HookingContextFactory):
                     diffs.append(f_x.unsqueeze(1) - f_p.reshape(n, c, -1))
                 diff = torch.cat(diffs, 1)  # (N, W, K)
                 attr = torch.einsum("nwk,wf->nkf", diff.to(masks.dtype), masks.reshape(w_total, -1))
-                attr = self._normalise(attr, masks).reshape(n, -1, *x.shape[1:])
+                attr = self.masks.normalise(attr, masks).reshape(n, -1, *x.shape[1:])
                 attr = attr if self.separate_targets else attr.squeeze(1)
                 td.set(
                     (self.attribution_key, key),
@@ -217,24 +240,14 @@ def _tensor_leaves(value: Any) -> list[torch.Tensor]:
     return [value]
 
 
-class FeatureAblation(_Perturbation):
-    """Feature ablation: each feature (or group) replaced by its baseline, one at a time.
+@dataclass(frozen=True)
+class _GroupMasks:
+    """Feature ablation's perturbations: one mask per group id (every element its own group)."""
 
-    Args:
-        feature_mask: ``{in_key: LongTensor[*feature]}`` group ids (features with the same id are
-            ablated together; ids ``0..G-1``). Default: every element is its own group.
-        **kwargs: ``targets``, ``separate_targets``, ``init_attr_targets``,
-            ``additional_init_keys``, ``baseline_key`` (per-row baselines, read if present),
-            ``baseline_value`` (otherwise; default 0), ``chunk_size`` (perturbations per forward
-            pass), ``attribution_key``.
-    """
+    groups: Mapping[NestedKey, torch.Tensor]
 
-    def __init__(self, feature_mask: Mapping[NestedKey, torch.Tensor] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.feature_mask = dict(feature_mask or {})
-
-    def _masks(self, key: NestedKey, feature_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        ids = self.feature_mask.get(key)
+    def masks(self, key: NestedKey, feature_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        ids = self.groups.get(key)
         if ids is None:
             size = math.prod(feature_shape)
             return torch.eye(size, dtype=like.dtype, device=like.device).reshape(size, *feature_shape)
@@ -251,34 +264,22 @@ class FeatureAblation(_Perturbation):
         groups = torch.unique(ids)
         return (ids.unsqueeze(0) == groups.view(-1, *([1] * len(feature_shape)))).to(like.dtype)
 
+    def normalise(self, attr: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return attr
 
-class Occlusion(_Perturbation):
-    """Occlusion (Zeiler & Fergus, 2014): a sliding window of baseline values (captum's values).
 
-    Each position's attribution is the mean, over the windows covering it, of the target drop.
+@dataclass(frozen=True)
+class _WindowMasks:
+    """Occlusion's perturbations: sliding windows; overlapping windows are averaged."""
 
-    Args:
-        sliding_window_shapes: Window shape over the feature dimensions (one tuple for every
-            input, or ``{in_key: tuple}``).
-        strides: Window strides (an int, a tuple, or ``{in_key: ...}``; default 1).
-        **kwargs: As :class:`FeatureAblation`.
-    """
-
-    def __init__(
-        self,
-        sliding_window_shapes: Sequence[int] | Mapping[NestedKey, Sequence[int]],
-        strides: int | Sequence[int] | Mapping[NestedKey, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.sliding_window_shapes = sliding_window_shapes
-        self.strides = strides
+    shapes: Sequence[int] | Mapping[NestedKey, Sequence[int]]
+    strides: int | Sequence[int] | Mapping[NestedKey, Any] | None
 
     def _per_key(self, value: Any, key: NestedKey) -> Any:
         return value[key] if isinstance(value, Mapping) else value
 
-    def _masks(self, key: NestedKey, feature_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        window = tuple(self._per_key(self.sliding_window_shapes, key))
+    def masks(self, key: NestedKey, feature_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        window = tuple(self._per_key(self.shapes, key))
         strides = self._per_key(self.strides, key)
         strides = (1,) * len(window) if strides is None else strides
         strides = (strides,) * len(window) if isinstance(strides, int) else tuple(strides)
@@ -305,9 +306,53 @@ class Occlusion(_Perturbation):
             mask = _outer(mask, axis)
         return mask.reshape(-1, *feature_shape)
 
-    def _normalise(self, attr: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def normalise(self, attr: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         counts = masks.sum(0).reshape(1, 1, -1)
         return attr / counts
+
+
+class FeatureAblation(_Perturbation):
+    """Feature ablation: each feature (or group) replaced by its baseline, one at a time.
+
+    Args:
+        feature_mask: ``{in_key: LongTensor[*feature]}`` group ids (features with the same id are
+            ablated together; ids ``0..G-1``). Default: every element is its own group.
+        **settings: ``targets``, ``separate_targets``, ``init_attr_targets``,
+            ``additional_init_keys``, ``baseline_key`` (per-row baselines, read if present),
+            ``baseline_value`` (otherwise; default 0), ``chunk_size`` (perturbations per forward
+            pass), ``attribution_key``, ``check_finite`` (see :class:`PerturbationSettings`).
+    """
+
+    def __init__(
+        self,
+        feature_mask: Mapping[NestedKey, torch.Tensor] | None = None,
+        **settings: Unpack[PerturbationSettings],
+    ) -> None:
+        self.feature_mask = dict(feature_mask or {})
+        self._configure(_GroupMasks(self.feature_mask), **settings)
+
+
+class Occlusion(_Perturbation):
+    """Occlusion (Zeiler & Fergus, 2014): a sliding window of baseline values (captum's values).
+
+    Each position's attribution is the mean, over the windows covering it, of the target drop.
+
+    Args:
+        sliding_window_shapes: Window shape over the feature dimensions (one tuple for every
+            input, or ``{in_key: tuple}``).
+        strides: Window strides (an int, a tuple, or ``{in_key: ...}``; default 1).
+        **settings: As :class:`FeatureAblation`.
+    """
+
+    def __init__(
+        self,
+        sliding_window_shapes: Sequence[int] | Mapping[NestedKey, Sequence[int]],
+        strides: int | Sequence[int] | Mapping[NestedKey, Any] | None = None,
+        **settings: Unpack[PerturbationSettings],
+    ) -> None:
+        self.sliding_window_shapes = sliding_window_shapes
+        self.strides = strides
+        self._configure(_WindowMasks(sliding_window_shapes, strides), **settings)
 
 
 def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

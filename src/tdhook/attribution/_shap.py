@@ -16,10 +16,11 @@ import torch
 from tensordict.utils import NestedKey
 from typing_extensions import Unpack
 
-from ._engine import GradientAttribution, Job, Run, Sampler, as_is
+from ._engine import GradientAttribution
 from ._errors import KEYS, AttributionError, BaselineError
 from ._integrated import read_baselines
 from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
+from ._strategies import Job, Run, Sampler, as_is
 from ._targets import check_finite, key_str
 
 __all__ = ["GradientShap", "ShapDraws", "ShapSampler"]

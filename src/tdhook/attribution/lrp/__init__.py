@@ -28,6 +28,7 @@ from ._composites import (
 from ._errors import (
     CanonizerError,
     ConcurrentLRPError,
+    RuleDefinitionError,
     RuleInputError,
     RuleMappingError,
     RuleParameterError,
@@ -37,27 +38,21 @@ from ._errors import (
 from ._layers import Sum
 from ._lrp import LRP, MissingRuleWarning, RelevanceSeed
 from ._rule import RemovableRuleHandle, Rule, RuleHook, bypass_rules, gradient_x_input, stabilize
+from ._rule_names import RuleName, rule_from_name
 from ._rules import (
     AHQKVInputRule,
     AHQKVRule,
-    AlphaBetaRule,
     EpsilonRule,
-    FlatRule,
-    GammaRule,
     IgnoreRule,
     LayerNormRule,
     PassRule,
     PseudoIdentityRule,
-    RuleName,
     SoftmaxEpsilonRule,
     StopRule,
     UniformEpsilonRule,
     UniformRule,
-    WSquareRule,
-    ZBoxRule,
-    ZPlusRule,
-    rule_from_name,
 )
+from ._term_rules import AlphaBetaRule, FlatRule, GammaRule, WSquareRule, ZBoxRule, ZPlusRule
 from ._types import (
     Activation,
     AvgPool,
@@ -106,6 +101,7 @@ __all__ = [
     "RelevanceSeed",
     "RemovableRuleHandle",
     "Rule",
+    "RuleDefinitionError",
     "RuleHook",
     "RuleInputError",
     "RuleMapper",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...core import HandleGroup, Installable, install, resolve_path
-from ._errors import CanonizerError
+from ._errors import CanonizerError, RuleDefinitionError
 from ._types import BatchNorm, ConvolutionStandard, Dense
 
 __all__ = ["Canonizer", "MergeBatchNorm", "ParamModifier"]
@@ -225,8 +225,15 @@ class Canonizer:
     """Base of canonizers: :meth:`plan` lists the reversible edits for a model."""
 
     def plan(self, root: nn.Module) -> list[Installable]:
-        """The edits to install on ``root`` (the user's model)."""
-        raise NotImplementedError
+        """The edits to install on ``root`` (the user's model).
+
+        Raises:
+            RuleDefinitionError: When a subclass does not define it (a ``NotImplementedError``).
+        """
+        raise RuleDefinitionError(
+            f"{type(self).__name__} does not implement plan(root) -> list of installables; define it, "
+            "e.g. returning MergeBatchNorm().plan(root)."
+        )
 
     def apply(self, root: nn.Module) -> HandleGroup:
         """Apply to ``root`` now; the returned group (a context manager) undoes it."""

@@ -27,16 +27,8 @@ from torch import nn
 
 from ._layers import Sum
 from ._rule import Rule
-from ._rules import (
-    AlphaBetaRule,
-    EpsilonRule,
-    FlatRule,
-    GammaRule,
-    IgnoreRule,
-    PassRule,
-    ZBoxRule,
-    ZPlusRule,
-)
+from ._rules import EpsilonRule, IgnoreRule, PassRule
+from ._term_rules import AlphaBetaRule, FlatRule, GammaRule, ZBoxRule, ZPlusRule
 from ._types import Activation, AvgPool, BatchNorm, Convolution, Dense, Linear, MaxPool
 
 __all__ = [

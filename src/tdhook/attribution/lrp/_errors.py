@@ -11,6 +11,7 @@ from ...errors import TdhookError
 __all__ = [
     "CanonizerError",
     "ConcurrentLRPError",
+    "RuleDefinitionError",
     "RuleInputError",
     "RuleMappingError",
     "RuleParameterError",
@@ -21,6 +22,10 @@ __all__ = [
 
 class RuleMappingError(TdhookError, ValueError, TypeError):
     """A rule mapper returned something that is not a rule (or an unknown rule name)."""
+
+
+class RuleDefinitionError(TdhookError, NotImplementedError):
+    """A rule or canonizer subclass does not implement a method it must provide."""
 
 
 class RuleParameterError(TdhookError, ValueError):

@@ -35,7 +35,7 @@ from ._canonizers import Canonizer, _Assign
 from ._composites import BaseRuleMapper, RuleMapper
 from ._errors import ConcurrentLRPError, RuleMappingError
 from ._rule import Rule
-from ._rules import RuleName, rule_from_name
+from ._rule_names import RuleName, rule_from_name
 
 __all__ = ["LRP", "MissingRuleWarning", "RelevanceSeed"]
 

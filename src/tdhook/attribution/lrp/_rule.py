@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
 from ...core import HookDirection, HookSpec
-from ._errors import RuleInputError
+from ._errors import RuleDefinitionError, RuleInputError
 
 __all__ = [
     "RemovableRuleHandle",
@@ -369,7 +369,11 @@ class Rule:
                 ``uses_outputs = False``.
             relevance: The relevance of every output.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement relevance().")
+        raise RuleDefinitionError(
+            f"{type(self).__name__} does not implement relevance(module, inputs, outputs, relevance); "
+            "define it (returning one relevance per input), or the tdhook 0.1 pair of static methods "
+            "forward(ctx, apply_kwargs, module, model_kwargs, *inputs) / backward(ctx, *relevance)."
+        )
 
     def check(
         self, module: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]

@@ -1,60 +1,38 @@
-"""The LRP rules (part of :mod:`tdhook.attribution.lrp`).
+"""The LRP rules that re-weight the module's own backward pass (part of :mod:`tdhook.attribution.lrp`).
 
 Notation: ``x`` a module input, ``z`` its output, ``R`` the relevance of the output, ``J`` the
 module's Jacobian, ``stab`` :func:`~tdhook.attribution.lrp.stabilize`.
 
-* Rules that only re-weight the backward pass (ε, Pass, Uniform, Softmax, PseudoIdentity) use the
-  module's own graph.
-* Rules that modify inputs and parameters (z⁺, α-β, γ, w², flat, z^B) are *terms*: each term runs
-  the layer on a modified input with modified parameters; terms are summed into a denominator
-  ``z_g`` per group, and ``R_in = Σ_g c_g Σ_t x_t ⊙ J_tᵀ (R / stab(z_g))``.
-  Linear layers and convolutions run through ``torch.nn.functional`` (no hook fires); other
-  modules run through :func:`torch.func.functional_call`.
+ε, Pass, Uniform, Softmax, PseudoIdentity, LayerNorm and the attention-head rules use the
+module's own graph. Rules that modify inputs and parameters (z⁺, α-β, γ, w², flat, z^B) are in
+:mod:`._term_rules`; rules by name in :mod:`._rule_names`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._errors import RuleInputError, RuleMappingError, RuleParameterError, UnsupportedModuleError
+from ._errors import RuleInputError, UnsupportedModuleError
 from ._rule import Rule, gradient_x_input, stabilize
 
 __all__ = [
     "AHQKVInputRule",
     "AHQKVRule",
-    "AlphaBetaRule",
     "EpsilonRule",
-    "FlatRule",
-    "GammaRule",
     "IgnoreRule",
     "LayerNormRule",
     "PassRule",
     "PseudoIdentityRule",
-    "RuleName",
     "SoftmaxEpsilonRule",
     "StopRule",
     "UniformEpsilonRule",
     "UniformRule",
-    "WSquareRule",
-    "ZBoxRule",
-    "ZPlusRule",
-    "rule_from_name",
 ]
 
 Tensors = Sequence[torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------
-# Rules on the module's own graph
-# ------------------------------------------------------------------------------------------
 
 
 class EpsilonRule(Rule):
@@ -169,7 +147,7 @@ class SoftmaxEpsilonRule(Rule):
         self.epsilon = epsilon
 
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
-        _single_input(self, module, inputs)
+        single_input(self, module, inputs)
 
     def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
         x, y, r = inputs[0], outputs[0].detach(), relevance[0]
@@ -190,7 +168,7 @@ class PseudoIdentityRule(Rule):
         self.stabilizer = stabilizer
 
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
-        _single_input(self, module, inputs)
+        single_input(self, module, inputs)
 
     def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
         x, y = inputs[0].detach(), outputs[0].detach()
@@ -225,7 +203,7 @@ class LayerNormRule(Rule):
         self.epsilon = epsilon
 
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
-        _single_input(self, module, inputs)
+        single_input(self, module, inputs)
 
     def _recompute(self, module: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         centred = x - x.mean(dim=dims, keepdim=True)
@@ -304,7 +282,7 @@ class AHQKVInputRule(Rule):
         self.epsilon = epsilon
 
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
-        _single_input(self, module, inputs)
+        single_input(self, module, inputs)
         if inputs[0].shape[-1] % 3:
             raise RuleInputError(
                 f"AHQKVInputRule expects a fused QKV input whose last dimension is a multiple of 3, got shape "
@@ -322,385 +300,9 @@ class AHQKVInputRule(Rule):
         return [torch.cat([torch.zeros_like(q), torch.zeros_like(k), r_v], dim=-1)]
 
 
-def _single_input(rule: Rule, module: nn.Module, inputs: Tensors) -> None:
+def single_input(rule: Rule, module: nn.Module, inputs: Tensors) -> None:
     if len(inputs) != 1:
         raise UnsupportedModuleError(
             f"{type(rule).__name__} does not support multiple inputs: {type(module).__name__} received "
             f"{len(inputs)} tensors. Use EpsilonRule for this module."
         )
-
-
-# ------------------------------------------------------------------------------------------
-# Rules built from terms (modified inputs × modified parameters)
-# ------------------------------------------------------------------------------------------
-
-ParamFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
-InputFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _positive(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(min=0)
-
-
-def _negative(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(max=0)
-
-
-def _ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(x)
-
-
-@dataclass(frozen=True)
-class _Bound:
-    """Input modifier of z^B: ``-bound`` broadcast to the input."""
-
-    bound: torch.Tensor | float
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        bound = torch.as_tensor(self.bound, dtype=x.dtype, device=x.device)
-        return (-bound).expand_as(x).clone()
-
-
-def _no_bias(p: torch.Tensor, name: str) -> torch.Tensor | None:
-    return None if name == "bias" else p
-
-
-def _square(p: torch.Tensor, name: str) -> torch.Tensor | None:
-    return p * p
-
-
-def _flat(p: torch.Tensor, name: str) -> torch.Tensor | None:
-    return None if name == "bias" else torch.ones_like(p)
-
-
-@dataclass(frozen=True)
-class _Clamp:
-    """Parameter modifier: the positive (``positive=True``) or negative part; bias optionally dropped."""
-
-    positive: bool
-    keep_bias: bool = True
-
-    def __call__(self, p: torch.Tensor, name: str) -> torch.Tensor | None:
-        if name == "bias" and not self.keep_bias:
-            return None
-        return p.clamp(min=0) if self.positive else p.clamp(max=0)
-
-
-@dataclass(frozen=True)
-class _Gamma:
-    """Parameter modifier of LRP-γ: ``p + γ p⁺`` (bias included)."""
-
-    gamma: float
-
-    def __call__(self, p: torch.Tensor, name: str) -> torch.Tensor | None:
-        return p + self.gamma * p.clamp(min=0)
-
-
-@dataclass(frozen=True)
-class _Term:
-    input_fn: InputFn
-    param_fn: ParamFn
-
-
-@dataclass(frozen=True)
-class _Group:
-    coefficient: float
-    terms: tuple[_Term, ...]
-
-
-_CONV_FUNCS: dict[type, Callable[..., torch.Tensor]] = {
-    nn.Conv1d: F.conv1d,
-    nn.Conv2d: F.conv2d,
-    nn.Conv3d: F.conv3d,
-}
-_CONV_T_FUNCS: dict[type, Callable[..., torch.Tensor]] = {
-    nn.ConvTranspose1d: F.conv_transpose1d,
-    nn.ConvTranspose2d: F.conv_transpose2d,
-    nn.ConvTranspose3d: F.conv_transpose3d,
-}
-
-
-def _own_params(module: nn.Module) -> dict[str, torch.Tensor | None]:
-    params: dict[str, torch.Tensor | None] = {
-        name: p.detach() for name, p in module.named_parameters(recurse=False)
-    }
-    if isinstance(module, (nn.Linear, *_CONV_FUNCS, *_CONV_T_FUNCS)) and module.bias is None:
-        params["bias"] = None
-    return params
-
-
-def _forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """Run ``module`` on ``x`` with ``params`` in place of its own (no hook of ``module`` fires)."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, params["weight"], params["bias"])  # type: ignore[arg-type]
-    conv = _CONV_FUNCS.get(type(module))
-    if conv is not None and module.padding_mode == "zeros":  # type: ignore[union-attr]
-        m: Any = module
-        return conv(x, params["weight"], params["bias"], m.stride, m.padding, m.dilation, m.groups)
-    conv_t = _CONV_T_FUNCS.get(type(module))
-    if conv_t is not None:
-        m = module
-        return conv_t(
-            x, params["weight"], params["bias"], m.stride, m.padding, m.output_padding, m.groups, m.dilation
-        )
-    filled = {
-        name: (torch.zeros_like(dict(module.named_parameters(recurse=False))[name]) if p is None else p)
-        for name, p in params.items()
-    }
-    out = torch.func.functional_call(module, filled, (x,))  # rule hooks are bypassed by the caller
-    return out[0] if isinstance(out, tuple) else out
-
-
-class _TermRule(Rule):
-    """A rule given as groups of terms (see the module docstring)."""
-
-    uses_outputs = False
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        self.stabilizer = stabilizer
-
-    def _groups(self) -> tuple[_Group, ...]:
-        raise NotImplementedError
-
-    def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
-        _single_input(self, module, inputs)
-
-    def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:
-        x = inputs[0].detach()
-        params = _own_params(module)
-        total: torch.Tensor | None = None
-        for group in self._groups():
-            if group.coefficient == 0:
-                continue
-            xs = [term.input_fn(x).detach().requires_grad_(True) for term in group.terms]
-            z = sum(
-                _forward_with(
-                    module, xt, {n: term.param_fn(p, n) if p is not None else None for n, p in params.items()}
-                )
-                for term, xt in zip(group.terms, xs)
-            )
-            assert isinstance(z, torch.Tensor)
-            weight = relevance[0] / stabilize(z.detach(), self.stabilizer)
-            grads = torch.autograd.grad(z, xs, weight, allow_unused=True)
-            part = sum(xt.detach() * g for xt, g in zip(xs, grads) if g is not None)
-            if isinstance(part, torch.Tensor):
-                part = part * group.coefficient
-                total = part if total is None else total + part
-        return [total]
-
-
-class AlphaBetaRule(_TermRule):
-    """LRP-αβ: positive and negative contributions weighted by α and β (α − β = 1).
-
-    ``R_in = α ⋅ Σ (x⊙w)⁺ / (Σ (x⊙w)⁺ + b⁺) ⋅ R − β ⋅ Σ (x⊙w)⁻ / (Σ (x⊙w)⁻ + b⁻) ⋅ R``,
-    computed with ``x⁺w⁺ + x⁻w⁻`` (positive part) and ``x⁺w⁻ + x⁻w⁺`` (negative part); the bias
-    enters each part once. ``AlphaBetaRule(1, 0)`` is z⁺ (zennit's ``ZPlus``).
-
-    Args:
-        alpha: Weight of the positive contributions (≥ 0).
-        beta: Weight of the negative contributions (≥ 0, ``alpha - beta == 1``).
-        stabilizer: Stabiliser of the denominators.
-
-    Raises:
-        RuleParameterError: (a ``ValueError``) for negative α or β, or α − β ≠ 1.
-    """
-
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
-        super().__init__(stabilizer)
-        if alpha < 0 or beta < 0:
-            raise RuleParameterError(
-                f"Both alpha and beta parameters must be non-negative! Got alpha={alpha}, beta={beta}; "
-                "e.g. AlphaBetaRule(alpha=2.0, beta=1.0) or AlphaBetaRule(1.0, 0.0) (z+)."
-            )
-        if not math.isclose(alpha - beta, 1.0, rel_tol=0.0, abs_tol=1e-9):
-            raise RuleParameterError(
-                f"The difference of parameters alpha - beta must equal 1! Got alpha={alpha}, beta={beta} "
-                f"(alpha - beta = {alpha - beta}); use beta = alpha - 1, e.g. alpha={beta + 1}."
-            )
-        self.alpha = alpha
-        self.beta = beta
-
-    def _groups(self) -> tuple[_Group, ...]:
-        positive = _Group(
-            self.alpha,
-            (_Term(_positive, _Clamp(True)), _Term(_negative, _Clamp(False, keep_bias=False))),
-        )
-        negative = _Group(
-            -self.beta,
-            (_Term(_positive, _Clamp(False)), _Term(_negative, _Clamp(True, keep_bias=False))),
-        )
-        return (positive, negative)
-
-    def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
-        if len(inputs) != 1:
-            raise UnsupportedModuleError(
-                f"AlphaBetaRule does not support multiple inputs: {type(module).__name__} received "
-                f"{len(inputs)} tensors. Use EpsilonRule for this module."
-            )
-
-
-class ZPlusRule(AlphaBetaRule):
-    """LRP-z⁺: :class:`AlphaBetaRule` with α = 1, β = 0.
-
-    Args:
-        stabilizer: Stabiliser of the denominator.
-    """
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        super().__init__(1.0, 0.0, stabilizer)
-
-
-class GammaRule(_TermRule):
-    """LRP-γ: ``R_in = x ⊙ ρ(W)ᵀ (R / stab(x ρ(W) + ρ(b)))`` with ``ρ(p) = p + γ p⁺``.
-
-    The rule of Montavon et al. (2019) (captum's ``GammaRule``), meant for layers with
-    non-negative inputs (after a ReLU).
-
-    Args:
-        gamma: How much positive contributions are favoured (≥ 0).
-        stabilizer: Stabiliser of the denominator.
-    """
-
-    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
-        super().__init__(stabilizer)
-        if gamma < 0:
-            raise RuleParameterError(f"GammaRule needs gamma >= 0, got {gamma}; e.g. GammaRule(gamma=0.25).")
-        self.gamma = gamma
-
-    def _groups(self) -> tuple[_Group, ...]:
-        return (_Group(1.0, (_Term(_identity, _Gamma(self.gamma)),)),)
-
-
-class WSquareRule(_TermRule):
-    """LRP-w²: relevance ∝ squared weights, independent of the input (zennit's ``WSquare``).
-
-    The layer is re-run with every parameter squared (bias included) on an input of ones:
-    ``R_in = (W²)ᵀ (R / stab(1 W² + b²))``.
-
-    Args:
-        stabilizer: Stabiliser of the denominator.
-    """
-
-    def _groups(self) -> tuple[_Group, ...]:
-        return (_Group(1.0, (_Term(_ones, _square),)),)
-
-
-class FlatRule(_TermRule):
-    """LRP-flat: every connected input gets an equal share (zennit's ``Flat``).
-
-    :class:`WSquareRule` with weights set to one and no bias.
-
-    Args:
-        stabilizer: Stabiliser of the denominator.
-    """
-
-    def _groups(self) -> tuple[_Group, ...]:
-        return (_Group(1.0, (_Term(_ones, _flat),)),)
-
-
-class ZBoxRule(_TermRule):
-    """LRP-z^B for bounded inputs (first layer of an image model), Montavon et al. (2017).
-
-    ``R_in = x ⊙ Wᵀs − l ⊙ W⁺ᵀs − h ⊙ W⁻ᵀs`` with ``s = R / stab(xW − lW⁺ − hW⁻)`` (no bias).
-
-    Args:
-        low: Lowest admissible input value (scalar or tensor broadcastable to the input).
-        high: Highest admissible input value.
-        stabilizer: Stabiliser of the denominator.
-    """
-
-    def __init__(
-        self, low: torch.Tensor | float, high: torch.Tensor | float, stabilizer: float = 1e-6
-    ) -> None:
-        super().__init__(stabilizer)
-        if bool(torch.any(torch.as_tensor(low) > torch.as_tensor(high))):
-            raise RuleParameterError(
-                f"ZBoxRule needs low <= high everywhere, got low={low!r}, high={high!r}; swap them."
-            )
-        self.low = low
-        self.high = high
-
-    def _groups(self) -> tuple[_Group, ...]:
-        return (
-            _Group(
-                1.0,
-                (
-                    _Term(_identity, _no_bias),
-                    _Term(_Bound(self.low), _Clamp(True, keep_bias=False)),
-                    _Term(_Bound(self.high), _Clamp(False, keep_bias=False)),
-                ),
-            ),
-        )
-
-
-# ------------------------------------------------------------------------------------------
-# Rules by name
-# ------------------------------------------------------------------------------------------
-
-
-class RuleName(str, Enum):
-    """Names accepted where a rule is expected (a rule mapper may return one)."""
-
-    EPSILON = "epsilon"
-    UNIFORM_EPSILON = "uniform_epsilon"
-    PASS = "pass"
-    IGNORE = "ignore"
-    STOP = "stop"
-    UNIFORM = "uniform"
-    ZPLUS = "zplus"
-    ALPHA2_BETA1 = "alpha2_beta1"
-    GAMMA = "gamma"
-    WSQUARE = "wsquare"
-    FLAT = "flat"
-    SOFTMAX_EPSILON = "softmax_epsilon"
-    LAYER_NORM = "layer_norm"
-    PSEUDO_IDENTITY = "pseudo_identity"
-    AHQKV = "ahqkv"
-    AHQKV_INPUT = "ahqkv_input"
-
-
-_BY_NAME: dict[RuleName, Callable[[], Rule]] = {
-    RuleName.EPSILON: EpsilonRule,
-    RuleName.UNIFORM_EPSILON: UniformEpsilonRule,
-    RuleName.PASS: PassRule,
-    RuleName.IGNORE: IgnoreRule,
-    RuleName.STOP: StopRule,
-    RuleName.UNIFORM: UniformRule,
-    RuleName.ZPLUS: ZPlusRule,
-    RuleName.ALPHA2_BETA1: AlphaBetaRule,
-    RuleName.GAMMA: GammaRule,
-    RuleName.WSQUARE: WSquareRule,
-    RuleName.FLAT: FlatRule,
-    RuleName.SOFTMAX_EPSILON: SoftmaxEpsilonRule,
-    RuleName.LAYER_NORM: LayerNormRule,
-    RuleName.PSEUDO_IDENTITY: PseudoIdentityRule,
-    RuleName.AHQKV: AHQKVRule,
-    RuleName.AHQKV_INPUT: AHQKVInputRule,
-}
-
-
-def rule_from_name(name: str | RuleName) -> Rule:
-    """Build the rule called ``name`` with its default parameters.
-
-    Raises:
-        RuleMappingError: For an unknown name; the message lists the valid ones.
-
-    Examples:
-        >>> rule_from_name("epsilon")
-        EpsilonRule(epsilon=1e-06)
-    """
-    try:
-        key = RuleName(name)
-    except ValueError:
-        raise RuleMappingError(
-            f"Unknown LRP rule name {name!r}. Expected one of {[n.value for n in RuleName]}, or a Rule "
-            "instance such as EpsilonRule(epsilon=1e-6)."
-        ) from None
-    factory = _BY_NAME.get(key)
-    if factory is None:  # every member has a factory; keep dispatch total
-        raise RuleMappingError(f"No factory for LRP rule name {key.value!r}.")
-    return factory()

@@ -272,8 +272,8 @@ def test_gradcam_refuses_a_non_finite_input_before_the_model_runs(cnn, bad):
     x[1, 0, 2, 3] = bad
     calls = []
     handle = cnn.register_forward_hook(lambda *_: calls.append(1))
-    with GradCAM({"2": DimsConfig((-2, -1), (-3,))}).prepare(cnn) as hooked:
-        with pytest.raises(AttributionError, match=r"input 'input' holds 1 NaN/Inf"):
-            hooked(TensorDict(input=x, batch_size=[2]))
+    cam = GradCAM({"2": DimsConfig((-2, -1), (-3,))})
+    with cam.prepare(cnn) as hooked, pytest.raises(AttributionError, match=r"input 'input' holds 1 NaN/Inf"):
+        hooked(TensorDict(input=x, batch_size=[2]))
     handle.remove()
     assert not calls

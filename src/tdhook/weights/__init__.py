@@ -5,7 +5,8 @@ afterwards, with their ``requires_grad`` flags and gradients.
 """
 
 from ._adapters import Adapters
+from ._edits import swap_tensor
 from ._pruning import Pruning
 from ._task_vectors import TaskVectors
 
-__all__ = ["Adapters", "Pruning", "TaskVectors"]
+__all__ = ["Adapters", "Pruning", "TaskVectors", "swap_tensor"]

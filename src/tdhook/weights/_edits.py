@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import TdhookError
 
-__all__ = ["ParameterSnapshot", "WeightEditError", "WeightMask", "WeightSwap", "named_tensors"]
+__all__ = ["ParameterSnapshot", "WeightEditError", "WeightMask", "WeightSwap", "named_tensors", "swap_tensor"]
 
 
 class WeightEditError(TdhookError, ValueError):
@@ -210,6 +210,15 @@ def _checked(
             )
         out.append((tensor, value.detach()))
     return out
+
+
+def swap_tensor(tensor: torch.Tensor, value: torch.Tensor) -> _Restorer:
+    """Put ``value`` on ``tensor``'s edit stack (an absolute value, e.g. a canonizer's edit).
+
+    Returns the handle whose ``remove()`` undoes it, in any order with the other edits of the
+    tensor (the same rules as :class:`WeightSwap`).
+    """
+    return _install([(tensor, _Constant(value.detach()), None)])
 
 
 class WeightSwap:

@@ -1,9 +1,12 @@
 """Reversible model edits for LRP: parameter swaps and canonizers (part of :mod:`tdhook.attribution.lrp`).
 
 Every edit is an :class:`~tdhook.core.Installable`: ``install()`` changes the model and
-returns a handle whose ``remove()`` restores it bit for bit. Parameters are edited in place (the
-same ``nn.Parameter`` objects, so optimisers and tied weights keep working) from saved copies;
-a missing bias is added as a new parameter and removed again.
+returns a handle whose ``remove()`` restores it bit for bit. Tensor edits (weights, biases,
+BatchNorm statistics) go on the weights' edit stack (:func:`tdhook.weights.swap_tensor`): the
+``nn.Parameter`` objects stay the same, and LRP, Pruning, TaskVectors... contexts on one model
+may exit in any order (also after an exception) and still restore the original tensors. A
+missing bias is added as a new parameter and removed again; plain attributes (``eps``,
+``inplace``) are set and reset.
 
 :class:`MergeBatchNorm` folds every BatchNorm into the linear layer or convolution before it and
 turns the BatchNorm into an exact identity, so that LRP rules see one affine layer (the
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from ...core import HandleGroup, Installable, install, resolve_path
+from ...weights import swap_tensor
 from ._errors import CanonizerError, RuleDefinitionError
 from ._types import BatchNorm, ConvolutionStandard, Dense
 
@@ -36,7 +40,7 @@ __all__ = ["Canonizer", "MergeBatchNorm", "ParamModifier"]
 
 
 class _How(Enum):
-    COPY_BACK = "copy_back"
+    STACK = "stack"  # a tensor: on the weights' edit stack (composes with Pruning, TaskVectors...)
     UNREGISTER = "unregister"
     SETATTR = "setattr"
 
@@ -101,10 +105,8 @@ class _Assign:
                 return _Restore(module, name, active)
             current = getattr(module, name)
             if isinstance(current, torch.Tensor) and isinstance(self.value, torch.Tensor):
-                saved = current.detach().clone()
-                with torch.no_grad():
-                    current.copy_(self.value)
-                edit = _Edit(saved, _How.COPY_BACK, current.detach().clone())
+                value = self.value.detach().to(dtype=current.dtype, device=current.device).expand_as(current)
+                edit = _Edit(swap_tensor(current, value.clone()), _How.STACK, value.clone())
             elif current is None and isinstance(self.value, torch.Tensor):  # e.g. a layer without bias
                 module.register_parameter(
                     name, nn.Parameter(self.value.detach().clone(), requires_grad=False)
@@ -136,9 +138,8 @@ class _Restore:
                 del edits[self.name]
                 if not edits:
                     del _EDITS[self.module]
-            if edit.how is _How.COPY_BACK:
-                with torch.no_grad():
-                    getattr(self.module, self.name).copy_(edit.saved)
+            if edit.how is _How.STACK:
+                edit.saved.remove()
             elif edit.how is _How.UNREGISTER:
                 self.module.register_parameter(self.name, None)
             elif edit.how is _How.SETATTR:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar, overload
 
 from tensordict import TensorDictBase
 from torch import nn
@@ -20,15 +20,27 @@ from .run import _Deferred
 
 __all__ = ["CompositeHookingContextFactory", "HookingContextFactory"]
 
+#: The context class a method's ``prepare()`` returns.
+_C = TypeVar("_C", bound=HookingContext)
 
-class HookingContextFactory:
+
+class HookingContextFactory(Generic[_C]):
     """Base class of every method: configure in ``__init__``, bind with :meth:`prepare`.
 
     Subclasses override :meth:`_plan` (what to hook or edit) and, for methods that run the model
-    in a particular way (several passes, gradients...), :meth:`_call`.
+    in a particular way (several passes, gradients...), :meth:`_call`. A method whose contexts
+    are of a subclass of :class:`HookingContext` names it twice, as the type parameter (so that
+    ``prepare()`` is typed) and in ``_hooking_context_class`` (so that it is built)::
+
+        class Adapters(HookingContextFactory[HookingContextWithCache]):
+            _hooking_context_class = HookingContextWithCache
+
+    ``with Method(...).prepare(model) as hooked:`` then gives a typed
+    :class:`~tdhook._core.hooked.HookedModule`; what a method adds to it is reached with
+    ``hooked.extension(Kind)`` (see :mod:`tdhook._core.extensions`).
     """
 
-    _hooking_context_class: type[HookingContext] = HookingContext
+    _hooking_context_class: type[_C] = HookingContext  # type: ignore[assignment]
     _hooked_module_class: type[HookedModule] = HookedModule
     #: True for methods whose ``_call`` needs a TensorDict (tensor calls are refused).
     _needs_tensordict = False
@@ -57,6 +69,36 @@ class HookingContextFactory:
         """Whether this method's contexts clear their cache at enter (None: the context decides)."""
         return self._clear_cache
 
+    @overload
+    def prepare(
+        self,
+        module: nn.Module,
+        in_keys: Sequence[Any] | dict[str, Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        *,
+        return_context: Literal[True] = True,
+    ) -> _C: ...
+
+    @overload
+    def prepare(
+        self,
+        module: nn.Module,
+        in_keys: Sequence[Any] | dict[str, Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        *,
+        return_context: Literal[False],
+    ) -> HookedModule: ...
+
+    @overload
+    def prepare(
+        self,
+        module: nn.Module,
+        in_keys: Sequence[Any] | dict[str, Any] | None = None,
+        out_keys: Sequence[Any] | None = None,
+        *,
+        return_context: bool,
+    ) -> _C | HookedModule: ...
+
     def prepare(
         self,
         module: nn.Module,
@@ -64,7 +106,7 @@ class HookingContextFactory:
         out_keys: Sequence[Any] | None = None,
         *,
         return_context: bool = True,
-    ) -> Any:
+    ) -> _C | HookedModule:
         """Bind this method to ``module``.
 
         Args:
@@ -77,8 +119,9 @@ class HookingContextFactory:
                 ``hooked.restore()`` to undo.
 
         Returns:
-            A lazy :class:`HookingContext`, or the :class:`HookedModule` when
-            ``return_context=False``.
+            A lazy :class:`HookingContext` (of the method's context class, which its ``with``
+            enters to give the :class:`HookedModule`), or the entered :class:`HookedModule` when
+            ``return_context=False`` (the tdhook 0.1 flag, kept; typed by overloads).
         """
         td_module, extra, ins, outs = wrap_module(module, in_keys, out_keys)
         context = self._hooking_context_class(self, td_module, extra, ins, outs)
@@ -152,7 +195,7 @@ def _most_derived_module_class(factories: Sequence[HookingContextFactory]) -> ty
     return chosen
 
 
-class CompositeHookingContextFactory(HookingContextFactory):
+class CompositeHookingContextFactory(HookingContextFactory[HookingContextWithCache]):
     """Several methods in one context: hook-only and pipeline methods, in one forward pass.
 
     Order, deterministic and documented:

@@ -23,7 +23,7 @@ from ._targeted import TargetCallback, check_cache_key, publish_cache, target_li
 __all__ = ["ActivationCaching"]
 
 
-class ActivationCaching(HookingContextFactory):
+class ActivationCaching(HookingContextFactory[HookingContextWithCache]):
     """Cache the activations of every module whose name matches ``key_pattern``.
 
     Results live in ``hooked.hooking_context.cache`` (or the ``cache`` you pass, which may be

@@ -163,7 +163,7 @@ class AdapterCall:
         return self.adapter(value, **{k: hook[k] for k in self.keywords})
 
 
-class Adapters(HookingContextFactory):
+class Adapters(HookingContextFactory[HookingContextWithCache]):
     """Replace module values by adapter outputs (same-layer or cross-layer).
 
     For every direction and every ``name: (adapter, in_module_key, out_module_key)``:

@@ -90,7 +90,7 @@ class PruningContext(HookingContext):
     """The context of :class:`Pruning` (the edit itself is part of the factory's plan)."""
 
 
-class Pruning(HookingContextFactory):
+class Pruning(HookingContextFactory[PruningContext]):
     """Prune weights for the duration of the context; the original weights come back at exit.
 
     **Global mode** (``modules_to_prune=None``): every direct parameter of every module of the

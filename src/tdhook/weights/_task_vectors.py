@@ -304,7 +304,7 @@ class TaskVectorsContext(HookingContext):
         return _find_factory(hooked).compute_alpha(hooked, vector)
 
 
-class TaskVectors(HookingContextFactory):
+class TaskVectors(HookingContextFactory[TaskVectorsContext]):
     """Task arithmetic with a control-adequacy search of the scale.
 
     Inside the context, ``hooked`` (with the :class:`TaskVectorTools` extension) builds task vectors from

@@ -57,7 +57,7 @@ def _claim_factories(factories: Sequence[HookingContextFactory], thread: int) ->
     with _LOCK:
         for f in factories:
             others = [t for t in _FACTORY_THREADS.get(id(f), {}) if t != thread]
-            if others and not f._thread_safe:
+            if others and not f.thread_safe:
                 raise ConcurrencyError(
                     f"This {type(f).__name__} instance is already active in a context of another thread "
                     f"({others[0]}); it keeps per-call state, which two threads would mix. Create one "

@@ -60,6 +60,16 @@ class HookingContextFactory(Generic[_C]):
         return (self,)
 
     @property
+    def needs_tensordict(self) -> bool:
+        """True if a call must pass a TensorDict (the method's ``_call`` reads keys); tensor calls are refused."""
+        return self._needs_tensordict
+
+    @property
+    def thread_safe(self) -> bool:
+        """True if one instance may be active in contexts of several threads at once."""
+        return self._thread_safe
+
+    @property
     def context_cache(self) -> TensorDictBase | None:
         """The cache TensorDict this method's contexts use (None: a new one per context)."""
         return self._cache
@@ -127,9 +137,7 @@ class HookingContextFactory(Generic[_C]):
         context = self._hooking_context_class(self, td_module, extra, ins, outs)
         if return_context:
             return context
-        hooked = context.__enter__()
-        context._managed = False
-        return hooked
+        return context.enter_unmanaged()
 
     # -- extension points ------------------------------------------------------------------------
     def _plan(self, hooked: HookedModule) -> Iterable[Installable]:

@@ -213,9 +213,9 @@ class HookedModule(TensorDictModuleWrapper):
                     "Contextual HookedModule must be called in context: this module's `with` block has "
                     "exited. Call it inside `with ...prepare(model) as hooked:`."
                 )
-            if ctx._thread != threading.get_ident():
+            if ctx.thread != threading.get_ident():
                 raise ConcurrencyError(
-                    f"This hooked module's context was entered in thread {ctx._thread}, but it is called from "
+                    f"This hooked module's context was entered in thread {ctx.thread}, but it is called from "
                     f"thread {threading.get_ident()}. A context's hooks act only in the thread that entered "
                     "it: enter a context (prepare(model)) in each thread instead of sharing the hooked module."
                 )
@@ -234,7 +234,7 @@ class HookedModule(TensorDictModuleWrapper):
                 if clearer is None:
                     raise
                 raise clearer from error
-        if ctx is not None and ctx.factory._needs_tensordict:
+        if ctx is not None and ctx.factory.needs_tensordict:
             raise InvalidInputError(
                 f"{type(ctx.factory).__name__} needs a TensorDict input, got "
                 f"{', '.join(type(a).__name__ for a in args) or 'keyword arguments'}. "
@@ -298,7 +298,7 @@ class HookedModule(TensorDictModuleWrapper):
         ctx = self._require_context()
         if not ctx.is_active:
             raise ContextStateError("Context is not active")
-        if ctx._managed:
+        if ctx.managed:
             raise ContextStateError(
                 "Cannot call restore() when context is managed by a context manager. "
                 "Leave the `with` block instead."

@@ -83,6 +83,22 @@ class HookingContext:
     def is_active(self) -> bool:
         return self._hooked is not None
 
+    @property
+    def thread(self) -> int | None:
+        """The id of the thread that entered the context (None when it is not active)."""
+        return self._thread if self.is_active else None
+
+    @property
+    def managed(self) -> bool:
+        """False for a context entered by ``prepare(..., return_context=False)`` (left with ``restore()``)."""
+        return self._managed
+
+    def enter_unmanaged(self) -> HookedModule:
+        """Enter without a ``with`` block (``prepare(..., return_context=False)``); leave with ``hooked.restore()``."""
+        hooked = self.__enter__()
+        self._managed = False
+        return hooked
+
     def _inplace_modules(self, hooked: HookedModule) -> list[nn.Module]:
         """The model's in-place modules, found at the first enter (a new hooked module is built each time)."""
         found = self.__dict__.get("_inplace")

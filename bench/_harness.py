@@ -274,7 +274,8 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[var] = str(THREADS)
-    env["PYTHONPATH"] = str(ROOT)
+    # this checkout's sources first: an environment's editable install may point at another tree
+    env["PYTHONPATH"] = os.pathsep.join((str(ROOT / "src"), str(ROOT)))
     env["PYTHONNOUSERSITE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["HF_HUB_OFFLINE"] = "1"

@@ -20,6 +20,8 @@ TASKS = (
     "caching_gpt2_tl",
     "caching_gpt2_hf",
     "hook_overhead",
+    "session_overhead",
+    "tensordict_path",
     "intervention",
     "composed",
     "twonn_dense",

@@ -13,22 +13,73 @@ start of each forward, and a routed replacement can tell whether its source fire
 
 from __future__ import annotations
 
+import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
+from ._core.claims import check_no_foreign_exclusive
 from ._core.directions import HandleGroup, HookDirection, register
+from ._core.forward_state import ForwardState
+from ._core.paths import parse_path, resolve_path
 from ._targets import Target, TargetKind, map_leaf
-from .errors import ContextStateError, InvalidDirectionError, InvalidInputError, TargetError
+from .errors import (
+    CompiledModelError,
+    ConcurrencyError,
+    ContextStateError,
+    InvalidDirectionError,
+    InvalidInputError,
+    TargetError,
+)
 
 __all__ = ["CapturedTarget", "EarlyStopResult", "HookProgram", "HookSession", "ProgramEntry", "SessionStop"]
 
+_FWD = HookDirection.FWD
 _ACTIVATION_DIRECTIONS = (HookDirection.FWD, HookDirection.FWD_PRE, HookDirection.FWD_PRE_KWARGS)
 _GRADIENT_DIRECTIONS = (HookDirection.BWD_PRE, HookDirection.BWD)
+
+
+def compiled_reason(module: nn.Module) -> str | None:
+    """Why ``module`` itself (not its children) runs compiled code that ignores new hooks, or None."""
+    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        return "is a torch.compile OptimizedModule; pass its `._orig_mod` (same parameters)"
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "was compiled with `module.compile()`; use an uncompiled copy of the model"
+    for forward in (module.__dict__.get("forward"), getattr(type(module), "forward", None)):
+        if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
+            return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+    return None
+
+
+def check_compiled(model: nn.Module, path: str) -> None:
+    """Refuse to hook ``path`` when it or a module on the way to it from ``model`` is compiled.
+
+    Compiled code ignores hooks added after compilation, so a capture would stay empty and a
+    replacement would do nothing. Only the modules whose hooks the session relies on are
+    checked (a few attribute reads), not the whole model.
+
+    Raises:
+        CompiledModelError: Naming the compiled module and the fix.
+    """
+    module: nn.Module = model
+    steps = parse_path(path)
+    for i in range(len(steps) + 1):
+        if i:
+            module = resolve_path(model, steps[:i])
+        how = compiled_reason(module)
+        if how is not None:
+            name = "<root>" if not i else path if i == len(steps) else f"{path} (step {i} of the path)"
+            raise CompiledModelError(
+                f"Module {name!r} {how}. Compiled code ignores hooks added after compilation, so a HookSession "
+                "cannot hook it (captures would stay empty, replacements would do nothing). Open the session "
+                "on the eager model, e.g. HookSession(compiled._orig_mod)."
+            )
 
 
 class SessionStop(BaseException):
@@ -79,6 +130,16 @@ class CapturedTarget:
         self.values.append(value)
         self.calls.append(call)
         self.passes.append(pass_id)
+
+    def take(self) -> list[torch.Tensor]:
+        """Return the values recorded so far and forget them (with their ``calls`` and ``passes``).
+
+        For a session kept open across many calls (a policy called once per environment step),
+        so that the lists do not grow with every call.
+        """
+        values = self.values
+        self.values, self.calls, self.passes = [], [], []
+        return values
 
     def __repr__(self) -> str:
         return f"CapturedTarget({self.target}, direction={getattr(self.direction, 'value', None)!r}, {len(self.values)} values)"
@@ -150,45 +211,51 @@ class HookProgram:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _PassState:
-    """The session's pass counter, shared by its hooks (they never reference the session)."""
+@dataclass(eq=False, slots=True)
+class _Passes:
+    """The session's root hooks: every call of the model (in the entering thread) is one *pass*.
 
+    A pass is one forward of the core's :class:`~tdhook._core.hooks.ForwardState`, the per-forward
+    bookkeeping ``run()`` uses too: it counts each hook's calls (``occurrences``), and protects
+    values kept without a copy (``detach=False``) from later in-place operations.
+    """
+
+    state: ForwardState
+    thread: int
     session_id: int
+    watched: list[_SiteHook] = field(default_factory=list)
     pass_id: int = -1
     active: bool = True
 
+    def begin(self, module: Any, args: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        if not self.state.depth:
+            self.pass_id += 1
+        self.state.begin()
 
-@dataclass(eq=False)
-class _PassCounter:
-    """Pre-hook on the model's root: every call of the model starts a new pass."""
+    def end(self, module: Any, args: Any, output: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        state = self.state
+        try:
+            if output is not None and state.depth == 1:
+                for hook in self.watched:  # fail closed: every requested call index was reached
+                    seen, wanted = state.counts.get(id(hook), 0), hook.target.occurrences
+                    assert wanted is not None
+                    if seen <= wanted[-1]:
+                        raise TargetError(
+                            f"{hook.target}: call(s) {[o for o in wanted if o >= seen]} of module "
+                            f"{hook.target.module_path!r} were never reached; it ran {seen} time(s) in this "
+                            "forward pass. Use call indices below that count, or occurrences=None for every call."
+                        )
+        finally:
+            state.end(check=output is not None)
 
-    state: _PassState
-
-    def __call__(self, *args: Any) -> None:
-        self.state.pass_id += 1
-
-
-@dataclass(eq=False)
-class _Occurrences:
-    """Counts one hook's calls within the current pass and says which calls to act on."""
-
-    state: _PassState
-    wanted: frozenset[int] | None
-    last_pass: int = -2
-    count: int = 0
-
-    def next_call(self) -> tuple[int, bool]:
-        """The index of the call now firing, and whether the target acts on it."""
-        if self.last_pass != self.state.pass_id:
-            self.last_pass = self.state.pass_id
-            self.count = 0
-        index = self.count
-        self.count += 1
-        return index, self.wanted is None or index in self.wanted
-
-    def calls_in(self, pass_id: int) -> int:
-        return self.count if self.last_pass == pass_id else 0
+    def reset(self) -> None:
+        """Close a pass that a :class:`SessionStop` (a ``BaseException``) cut short."""
+        while self.state.depth:
+            self.state.end(check=False)
 
 
 class _GradTap(torch.autograd.Function):
@@ -211,20 +278,20 @@ class _GradTap(torch.autograd.Function):
         return (grad if new is None else new), None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Replacement:
     """Where a replacement value comes from: a fixed value, or a capture routed through a transform."""
 
     value: Any
     transform: Callable[[torch.Tensor], Any] | None
-    state: _PassState
+    passes: _Passes
     target: Target
 
     def resolve(self) -> Any:
         value = self.value
         if not isinstance(value, CapturedTarget):
             return value
-        if not value.values or value.passes[-1] != self.state.pass_id:
+        if not value.values or value.passes[-1] != self.passes.pass_id:
             raise ContextStateError(
                 f"Routed replacement of {self.target} fired before its source {value.target} in this forward pass. "
                 "Route a value from a module that runs earlier in the pass (or capture the source in an earlier call)."
@@ -233,36 +300,59 @@ class _Replacement:
         return routed if self.transform is None else self.transform(routed)
 
 
-@dataclass(eq=False)
-class _ActivationHook:
-    """Capture (``captured``) or replace (``replacement``) a target's value at a forward hook point."""
+@dataclass(eq=False, slots=True)
+class _SiteHook:
+    """What a capture or a replacement at one hook point holds; ``__call__`` is the subclass's."""
 
     target: Target
     direction: HookDirection
-    calls: _Occurrences
+    passes: _Passes
+    wanted: frozenset[int] | None
     captured: CapturedTarget | None = None
     replacement: _Replacement | None = None
 
+    def _call_index(self) -> int | None:
+        """The index of the call now firing, or None when the target skips it (or another thread runs)."""
+        passes = self.passes
+        if threading.get_ident() != passes.thread:
+            return None
+        index = passes.state.index(self)
+        if self.wanted is not None and index not in self.wanted:
+            return None
+        return index
+
+    def _apply(self, value: Any, index: int) -> Any:
+        """Record the selection of ``value`` (a capture), or return ``value`` with it replaced."""
+        captured = self.captured
+        if captured is None:
+            assert self.replacement is not None
+            return self.target.replace_output(value, self.replacement.resolve())
+        selected = self.target.select_output(value)
+        captured._record(selected, index, self.passes.pass_id)
+        if not captured.detach and not self.direction.is_backward:  # kept without a copy: protect it
+            values = captured.values
+            self.passes.state.hold(selected, values, len(values) - 1, str(self.target))
+        return None
+
+
+@dataclass(eq=False, slots=True)
+class _ActivationHook(_SiteHook):
+    """Capture or replace a target's value at a forward hook point."""
+
     def __call__(self, *args: Any) -> Any:
-        index, selected = self.calls.next_call()
-        if not selected:
+        index = self._call_index()
+        if index is None:
             return None
         direction = self.direction
-        if direction is HookDirection.FWD:
-            value = args[2]
-        elif direction is HookDirection.FWD_PRE:
-            value = args[1]
-        else:  # FWD_PRE_KWARGS: the value is (args, kwargs)
-            value = (args[1], args[2])
-        if self.captured is not None:
-            self.captured._record(self.target.select_output(value), index, self.calls.state.pass_id)
-            return None
-        assert self.replacement is not None
-        return self.target.replace_output(value, self.replacement.resolve())
+        if direction is _FWD:
+            return self._apply(args[2], index)
+        if direction is HookDirection.FWD_PRE:
+            return self._apply(args[1], index)
+        return self._apply((args[1], args[2]), index)  # FWD_PRE_KWARGS: the value is (args, kwargs)
 
 
-@dataclass(eq=False)
-class _GradientHook:
+@dataclass(eq=False, slots=True)
+class _GradientHook(_SiteHook):
     """At the forward, wrap the target's tensor in a :class:`_GradTap` for the selected calls.
 
     The tap sees exactly the gradient of that call's tensor, so ``occurrences`` index forward
@@ -270,70 +360,37 @@ class _GradientHook:
     ``grad_output`` of a full backward pre-hook), ``bwd`` taps its inputs (``grad_input``).
     """
 
-    target: Target
-    direction: HookDirection
-    calls: _Occurrences
-    captured: CapturedTarget | None = None
-    replacement: _Replacement | None = None
-
     def __call__(self, *args: Any) -> Any:
-        index, selected = self.calls.next_call()
-        if not selected:
+        index = self._call_index()
+        if index is None:
             return None
         value = args[2] if self.direction is HookDirection.BWD_PRE else args[1]
-        leaf = self.target.leaf(value)
-        if not leaf.requires_grad:
+        if not self.target.leaf(value).requires_grad:
             return None
-        tap = _Tap(self, index, self.calls.state.pass_id)
+        tap = functools.partial(self._tap, index, self.passes.pass_id)
         return map_leaf(self.target, value, lambda x: _GradTap.apply(x, tap))
 
-
-@dataclass(eq=False)
-class _Tap:
-    hook: _GradientHook
-    call: int
-    pass_id: int
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
-        hook = self.hook
-        if not hook.calls.state.active:  # the session has ended: the graph may outlive it
+    def _tap(self, index: int, pass_id: int, grad: torch.Tensor) -> torch.Tensor | None:
+        if not self.passes.active:  # the session has ended: the graph may outlive it
             return None
-        if hook.captured is not None:
-            hook.captured._record(hook.target.select_output(grad), self.call, self.pass_id)
+        if self.captured is not None:
+            self.captured._record(self.target.select_output(grad), index, pass_id)
             return None
-        assert hook.replacement is not None
-        return hook.target.replace_output(grad, hook.replacement.resolve())
+        return self._apply(grad, index)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _StopHook:
     result: EarlyStopResult
-    state: _PassState
+    passes: _Passes
 
     def __call__(self, module: Any, args: Any, output: Any) -> None:
+        if threading.get_ident() != self.passes.thread:
+            return
         self.result.reached = True
         self.result.output = output
-        raise SessionStop(self.state.session_id, self.result.module_path)
-
-
-@dataclass(eq=False)
-class _OccurrenceCheck:
-    """Post-hook on the model's root: every requested call index must have been reached."""
-
-    state: _PassState
-    watched: list[tuple[Target, _Occurrences]]
-
-    def __call__(self, *args: Any) -> None:
-        pass_id = self.state.pass_id
-        for target, calls in self.watched:
-            assert target.occurrences is not None
-            seen = calls.calls_in(pass_id)
-            if seen <= target.occurrences[-1]:
-                raise TargetError(
-                    f"{target}: call(s) {[o for o in target.occurrences if o >= seen]} of module "
-                    f"{target.module_path!r} were never reached; it ran {seen} time(s) in this forward pass. "
-                    "Use call indices below that count, or occurrences=None for every call."
-                )
+        self.passes.reset()  # a BaseException: the root's end hook will not run for this pass
+        raise SessionStop(self.passes.session_id, self.result.module_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,15 +443,14 @@ class HookSession:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"HookSession expects an nn.Module, got {type(model).__name__}.")
         self._model_ref = weakref.ref(model)
-        self._state: _PassState | None = None
+        self._passes: _Passes | None = None
         self._handles = HandleGroup()
         self._entries: list[ProgramEntry] = []
         self._backups: list[tuple[weakref.ref[nn.Parameter], torch.Tensor]] = []
-        self._watched: list[tuple[Target, _Occurrences]] = []
         self._captures: list[CapturedTarget] = []
-        self._check_handle: Any = None
-        self._has_gradient = False
-        self._has_stop = False
+        self._end_handle: Any = None
+        self._inplace_hooked = False
+        self._has_gradient = self._has_stop = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -407,48 +463,53 @@ class HookSession:
 
     @property
     def is_active(self) -> bool:
-        return self._state is not None
+        return self._passes is not None
 
     @property
     def program(self) -> HookProgram:
         """What the session installed so far (empty outside the ``with`` block)."""
-        return HookProgram(tuple(self._entries))
+        end = () if self._end_handle is None else (ProgramEntry("pass_end", "", _FWD.value),)
+        return HookProgram((*self._entries, *end))
 
     def __enter__(self) -> HookSession:
-        if self._state is not None:
+        if self._passes is not None:
             raise ContextStateError("Cannot enter a HookSession twice; leave the `with` block first.")
         model = self.model
-        state = _PassState(id(self))
-        self._handles.append(register(model, _PassCounter(state), HookDirection.FWD_PRE, prepend=True))
-        self._entries.append(ProgramEntry("pass_counter", "", HookDirection.FWD_PRE.value))
-        self._state = state
+        check_compiled(model, "")
+        check_no_foreign_exclusive(model)
+        passes = _Passes(ForwardState(), threading.get_ident(), id(self))
+        self._handles.append(register(model, passes.begin, HookDirection.FWD_PRE, prepend=True))
+        self._entries.append(ProgramEntry("pass_start", "", HookDirection.FWD_PRE.value))
+        self._passes = passes
+        self._keep_end_last()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        state = self._state
+        passes = self._passes
+        if passes is not None:
+            self._check_thread(passes, "leave")
         try:
-            self._remove_check()
             self._handles.remove()
+            if self._end_handle is not None:
+                self._end_handle.remove()
         finally:
             try:
                 self._restore_parameters()
             finally:
-                if state is not None:
-                    state.active = False
-                self._state = None
-                self._entries = []
-                self._watched = []
-                self._captures = []
-                self._has_gradient = self._has_stop = False
-        return isinstance(exc, SessionStop) and state is not None and exc.session_id == state.session_id
+                if passes is not None:
+                    passes.active = False
+                self._passes = self._end_handle = None
+                self._entries, self._captures = [], []
+                self._inplace_hooked = self._has_gradient = self._has_stop = False
+        return isinstance(exc, SessionStop) and passes is not None and exc.session_id == passes.session_id
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Call the model; return its output, or ``None`` when this session's :meth:`stop` ended it."""
-        state = self._require_active("run")
+        passes = self._require_active("run")
         try:
             return self.model(*args, **kwargs)
         except SessionStop as stop:
-            if stop.session_id != state.session_id:
+            if stop.session_id != passes.session_id:
                 raise
             return None
 
@@ -473,11 +534,11 @@ class HookSession:
             ContextStateError: Outside the ``with`` block, or for a gradient target in a session
                 that has a :meth:`stop`.
         """
-        state = self._require_active("capture")
+        passes = self._require_active("capture")
         target, direction, module = self._prepare(target, direction)
         captured = CapturedTarget(target, direction, detach)
         if target.kind is TargetKind.PARAMETER:
-            captured._record(target.select_output(target.parameter_tensor(module)), None, state.pass_id)
+            captured._record(target.select_output(target.parameter_tensor(module)), None, passes.pass_id)
             self._entries.append(ProgramEntry("parameter_capture", target.module_path, None, target, hooks=0))
             return captured
         self._install(module, target, direction, "capture", captured=captured)
@@ -510,7 +571,7 @@ class HookSession:
             ContextStateError: Outside the ``with`` block, or when a routed replacement fires
                 before its source in a pass.
         """
-        state = self._require_active("replace")
+        passes = self._require_active("replace")
         if isinstance(value, CapturedTarget):
             if transform is not None and not callable(transform):
                 raise InvalidInputError(f"transform must be callable, got {type(transform).__name__}.")
@@ -539,7 +600,7 @@ class HookSession:
                 f"The routed capture of {value.target} is not one of this session's captures; capture it with this "
                 "session first."
             )
-        replacement = _Replacement(value, transform, state, target)
+        replacement = _Replacement(value, transform, passes, target)
         self._install(module, target, direction, "replace", replacement=replacement)
 
     def stop(self, module_path: str) -> EarlyStopResult:
@@ -552,26 +613,39 @@ class HookSession:
         Returns:
             An :class:`EarlyStopResult` whose ``reached`` and ``output`` are set when the module runs.
         """
-        state = self._require_active("stop")
+        passes = self._require_active("stop")
         if self._has_gradient:
             raise ContextStateError(
                 "stop() cannot be combined with gradient targets in one session: the forward pass it cuts has no "
                 "backward. Use a separate session."
             )
         module = Target(module_path).validate(self.model)
+        check_compiled(self.model, module_path)
         result = EarlyStopResult(module_path)
-        self._handles.append(register(module, _StopHook(result, state), HookDirection.FWD))
+        self._handles.append(register(module, _StopHook(result, passes), HookDirection.FWD))
         self._entries.append(ProgramEntry("stop", module_path, HookDirection.FWD.value))
         self._has_stop = True
+        self._keep_end_last(module)
         return result
 
     # -- internals --------------------------------------------------------------------------------
-    def _require_active(self, name: str) -> _PassState:
-        if self._state is None:
+    def _require_active(self, name: str) -> _Passes:
+        passes = self._passes
+        if passes is None:
             raise ContextStateError(
                 f"HookSession.{name}() must be called inside `with HookSession(model) as s:` (the session is not active)."
             )
-        return self._state
+        self._check_thread(passes, name)
+        return passes
+
+    @staticmethod
+    def _check_thread(passes: _Passes, name: str) -> None:
+        if threading.get_ident() != passes.thread:
+            raise ConcurrencyError(
+                f"HookSession.{name}() called from thread {threading.get_ident()}, but the session was entered in "
+                f"thread {passes.thread}; its hooks act only in that thread. Open a session in each thread "
+                "(on its own model copy if they use gradients: copy.deepcopy(model))."
+            )
 
     def _prepare(
         self, target: Target | str, direction: str | HookDirection | None
@@ -587,7 +661,7 @@ class HookSession:
                 raise InvalidDirectionError(
                     f"{target}: parameters are read and written directly, without a hook; drop direction={direction!r}."
                 )
-            return target, HookDirection.FWD, target.validate(self.model)
+            return target, _FWD, target.validate(self.model)
         allowed = _ACTIVATION_DIRECTIONS if kind is TargetKind.ACTIVATION else _GRADIENT_DIRECTIONS
         parsed = allowed[0] if direction is None else HookDirection.parse(direction)
         if parsed not in allowed:
@@ -599,7 +673,9 @@ class HookSession:
             raise ContextStateError(
                 f"{target}: gradient targets cannot be combined with stop() in one session. Use a separate session."
             )
-        return target, parsed, target.validate(self.model)
+        module = target.validate(self.model)
+        check_compiled(self.model, target.module_path)
+        return target, parsed, module
 
     def _install(
         self,
@@ -611,37 +687,45 @@ class HookSession:
         captured: CapturedTarget | None = None,
         replacement: _Replacement | None = None,
     ) -> None:
-        state = self._state
-        assert state is not None
+        passes = self._passes
+        assert passes is not None
         wanted = None if target.occurrences is None else frozenset(target.occurrences)
-        calls = _Occurrences(state, wanted)
-        hook: Any
+        hook: _SiteHook
         if target.kind is TargetKind.GRADIENT:
-            hook = _GradientHook(target, direction, calls, captured, replacement)
-            point = HookDirection.FWD if direction is HookDirection.BWD_PRE else HookDirection.FWD_PRE
+            hook = _GradientHook(target, direction, passes, wanted, captured, replacement)
+            point = _FWD if direction is HookDirection.BWD_PRE else HookDirection.FWD_PRE
             self._has_gradient = True
         else:
-            hook = _ActivationHook(target, direction, calls, captured, replacement)
+            hook = _ActivationHook(target, direction, passes, wanted, captured, replacement)
             point = direction
+            if captured is not None and not captured.detach:
+                self._protect_inplace(passes)
         self._handles.append(register(module, hook, point))
         self._entries.append(ProgramEntry(operation, target.module_path, direction.value, target))
         if target.occurrences is not None:
-            self._watched.append((target, calls))
-            self._reinstall_check()
+            passes.watched.append(hook)
+        self._keep_end_last(module)
 
-    def _reinstall_check(self) -> None:
-        """Keep the occurrence check the last forward hook of the root, after any entry on the root."""
-        state = self._state
-        assert state is not None
-        self._remove_check()
-        self._check_handle = register(self.model, _OccurrenceCheck(state, self._watched), HookDirection.FWD)
-        self._entries = [e for e in self._entries if e.operation != "occurrence_check"]
-        self._entries.append(ProgramEntry("occurrence_check", "", HookDirection.FWD.value))
+    def _keep_end_last(self, module: nn.Module | None = None) -> None:
+        """(Re)register the pass-end hook so it stays the model's last forward hook (after ``module``'s)."""
+        model = self.model
+        if self._end_handle is not None and module is not model:
+            return
+        passes = self._passes
+        assert passes is not None
+        if self._end_handle is not None:
+            self._end_handle.remove()
+        self._end_handle = model.register_forward_hook(passes.end, always_call=True)
 
-    def _remove_check(self) -> None:
-        handle, self._check_handle = self._check_handle, None
-        if handle is not None:
-            handle.remove()
+    def _protect_inplace(self, passes: _Passes) -> None:
+        """For values kept without a copy: copy them just before an in-place module modifies them."""
+        if self._inplace_hooked:
+            return
+        self._inplace_hooked = passes.state.track_storage = True
+        for module in self.model.modules():
+            if getattr(module, "inplace", False) is True and not isinstance(module, TensorDictModuleBase):
+                self._handles.append(register(module, passes.state.before_inplace, HookDirection.FWD_PRE))
+                self._entries.append(ProgramEntry("inplace_guard", "", HookDirection.FWD_PRE.value))
 
     def _replace_parameter(self, target: Target, module: nn.Module, value: Any) -> None:
         param = target.parameter_tensor(module)

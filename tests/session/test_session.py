@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from contract.test_contract import assert_same, snapshot  # tests/ is on sys.path (rootdir import)
 from torch import nn
 
 from tdhook.errors import (
@@ -74,54 +75,6 @@ class WithBlock(nn.Module):
 def x() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(5, 4)
-
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """What a session could leave behind (the contract test's snapshot, for a session)."""
-    state: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        state[f"{name}:attrs"] = sorted(vars(module))
-        state[f"{name}:training"] = module.training
-        for hook_dict in _HOOK_DICTS:
-            state[f"{name}:{hook_dict}"] = len(getattr(module, hook_dict, {}))
-    for name, p in model.named_parameters():
-        state[f"param:{name}"] = (
-            p.detach().clone(),
-            p.requires_grad,
-            None if p.grad is None else p.grad.clone(),
-        )
-    for name, b in model.named_buffers():
-        state[f"buffer:{name}"] = (b.clone(),)
-    state["global"] = (
-        len(torch.nn.modules.module._global_forward_hooks),
-        len(torch.nn.modules.module._global_forward_pre_hooks),
-        len(torch.nn.modules.module._global_backward_hooks),
-    )
-    return state
-
-
-def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        other = after[key]
-        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-            assert all(
-                (a is None and b is None) or (isinstance(a, torch.Tensor) and torch.equal(a, b)) or a == b
-                for a, b in zip(value, other)
-            ), key
-        else:
-            assert value == other, key
 
 
 def hook_count(model: nn.Module) -> int:
@@ -528,7 +481,7 @@ def test_program_lists_what_is_installed(x) -> None:
         s.replace(Target("out", "parameter", parameter="bias"), 1.0)
         program = s.program
         assert sorted(e.operation for e in program) == sorted(
-            ["pass_counter", "capture", "occurrence_check", "replace", "parameter_replace"]
+            ["pass_start", "capture", "pass_end", "replace", "parameter_replace"]
         )
         assert program.hook_count == hook_count(model) == 4
         assert program.to_list()[1]["target"] == Target("cell", occurrences=(0,)).to_dict()
@@ -596,7 +549,7 @@ def test_lifecycle_errors_and_reentry(x) -> None:
     with s, pytest.raises(RuntimeError, match="Cannot enter a HookSession twice"):
         s.__enter__()
     with s:  # entering again after exit works, from a clean program
-        assert [e.operation for e in s.program] == ["pass_counter"]
+        assert [e.operation for e in s.program] == ["pass_start", "pass_end"]
         got = s.capture("0")
         s.run(x)
     assert len(got.values) == 1
@@ -628,5 +581,5 @@ def test_bad_inputs_are_refused_before_touching_the_model() -> None:
             foreign = other.capture("0")
         with pytest.raises(InvalidInputError, match="not one of this session's captures"):
             s.replace("2", foreign)
-        assert [e.operation for e in s.program] == ["pass_counter"]
-        assert hook_count(model) == 1
+        assert [e.operation for e in s.program] == ["pass_start", "pass_end"]
+        assert hook_count(model) == 2

@@ -549,7 +549,7 @@ def test_lifecycle_errors_and_reentry(x) -> None:
     with s, pytest.raises(RuntimeError, match="Cannot enter a HookSession twice"):
         s.__enter__()
     with s:  # entering again after exit works, from a clean program
-        assert [e.operation for e in s.program] == ["pass_start", "pass_end"]
+        assert [e.operation for e in s.program] == []
         got = s.capture("0")
         s.run(x)
     assert len(got.values) == 1
@@ -581,5 +581,5 @@ def test_bad_inputs_are_refused_before_touching_the_model() -> None:
             foreign = other.capture("0")
         with pytest.raises(InvalidInputError, match="not one of this session's captures"):
             s.replace("2", foreign)
-        assert [e.operation for e in s.program] == ["pass_start", "pass_end"]
-        assert hook_count(model) == 2
+        assert [e.operation for e in s.program] == []
+        assert hook_count(model) == 0

@@ -70,17 +70,24 @@ def wrap_module(
     return td_module, "module", list(td_module.in_keys), list(td_module.out_keys)
 
 
+def compiled_reason(module: nn.Module) -> str | None:
+    """How ``module`` itself (not its children) runs compiled code that ignores new hooks, or None."""
+    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        return "is a torch.compile OptimizedModule; pass its `._orig_mod` (same parameters)"
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "was compiled with `module.compile()`; use an uncompiled copy of the model"
+    for forward in (module.__dict__.get("forward"), getattr(type(module), "forward", None)):
+        if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
+            return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+    return None
+
+
 def _compiled_part(module: nn.Module) -> tuple[str, str] | None:
     """``(name, how)`` of the first ``torch.compile``d part of ``module``, or None."""
     for name, sub in module.named_modules():
-        label = name or "<root>"
-        if type(sub).__name__ == "OptimizedModule" and hasattr(sub, "_orig_mod"):
-            return label, "is a torch.compile OptimizedModule; pass its `._orig_mod` (same parameters)"
-        if getattr(sub, "_compiled_call_impl", None) is not None:
-            return label, "was compiled with `module.compile()`; use an uncompiled copy of the model"
-        for forward in (sub.__dict__.get("forward"), getattr(type(sub), "forward", None)):
-            if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
-                return label, "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+        how = compiled_reason(sub)
+        if how is not None:
+            return name or "<root>", how
     return None
 
 

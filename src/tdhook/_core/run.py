@@ -85,7 +85,7 @@ class HookedModuleRun:
         # Without a run_cache the values go to a plain dict; ``cache`` builds a TensorDict on demand.
         self._cache: TensorDictBase | None = run_cache
         self._store = _RunStore()
-        self._store_ref = MutableWeakRef(self._store)  # one weak reference shared by the run's proxies
+        self._store_ref: MutableWeakRef | None = None  # one weak reference shared by the run's proxies
         self._cache_mirrors_store = False
         self._grad_enabled = grad_enabled
         self._callback = run_callback or _default_run_callback
@@ -121,34 +121,44 @@ class HookedModuleRun:
                 "A run must be entered in the thread that created it; call hooked.run(...) in this thread."
             )
         check_no_foreign_exclusive(self._module.root)
-        inplace = self._module.inplace_modules()
-        self._calls = ForwardState(track_storage=bool(inplace))
-        for module in inplace:  # copy held values just before an in-place module modifies them
-            self._handles.append(register(module, self._calls.before_inplace, HookDirection.FWD_PRE))
         self._active = True
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def _forward_state(self) -> ForwardState:
+        """The run's per-forward bookkeeping, made with its first hook (a run without hooks needs none)."""
         calls = self._calls
-        assert calls is not None
+        if calls is None:
+            inplace = self._module.inplace_modules()
+            calls = self._calls = ForwardState(track_storage=bool(inplace))
+            for module in inplace:  # copy held values just before an in-place module modifies them
+                self._handles.append(register(module, calls.before_inplace, HookDirection.FWD_PRE))
+        return calls
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        calls = self._calls  # None when nothing hooked the model: no per-forward bookkeeping
         finished = False
-        calls.begin()
+        if calls is not None:
+            calls.begin()
         try:
-            if torch.is_grad_enabled() == self._grad_enabled:  # skip the grad-mode switch when it is a no-op
-                self._callback(self._module, self._data)
-            else:
-                with torch.set_grad_enabled(self._grad_enabled):
-                    self._callback(self._module, self._data)
+            self._call()
             finished = True
         except EarlyStoppingException:
             finished = True
         finally:
             self._active = False
             try:
-                calls.end(check=finished)  # raises InPlaceModificationError for a modified stored value
+                if calls is not None:
+                    calls.end(check=finished)  # raises InPlaceModificationError for a modified stored value
             finally:
                 self._handles.remove()
         self._mirror_store()  # ``cache`` read inside the body: bring it up to date
+
+    def _call(self) -> None:
+        if torch.is_grad_enabled() == self._grad_enabled:  # skip the grad-mode switch when it is a no-op
+            self._callback(self._module, self._data)
+        else:
+            with torch.set_grad_enabled(self._grad_enabled):
+                self._callback(self._module, self._data)
 
     def _store_hook(
         self,
@@ -163,10 +173,13 @@ class HookedModuleRun:
         if callback is not None:
             check_callback(callback, direction, ("key", "direction"))
         thread = None if direction.is_backward else self._thread
-        hook = StoringHook(cache_key, self._store, direction, callback, self._calls, thread)
         module = self._module._hook_target(key, relative)
+        hook = StoringHook(cache_key, self._store, direction, callback, self._forward_state(), thread)
         self._handles.append(register(module, hook, direction, prepend=prepend))
-        return CacheProxy(cache_key, self._store_ref)
+        ref = self._store_ref
+        if ref is None:
+            ref = self._store_ref = MutableWeakRef(self._store)
+        return CacheProxy(cache_key, ref)
 
     def _check(self, name: str) -> None:
         if not self._active:
@@ -191,7 +204,15 @@ class HookedModuleRun:
             cache_key = cache_key or f"{key}_{direction.value_type}"
             return self._store_hook(key, cache_key, callback, direction, prepend, relative)
         handle, proxy = self._module._get(
-            self._cache, key, cache_key, callback, direction, prepend, relative, self._calls, self._thread
+            self._cache,
+            key,
+            cache_key,
+            callback,
+            direction,
+            prepend,
+            relative,
+            self._forward_state(),
+            self._thread,
         )
         self._handles.append(handle)
         return proxy
@@ -214,7 +235,7 @@ class HookedModuleRun:
         if cache is None:
             return self._store_hook(key, cache_key, callback, direction, prepend, relative)
         handle, proxy = self._module._get(
-            cache, key, cache_key, callback, direction, prepend, relative, self._calls, self._thread
+            cache, key, cache_key, callback, direction, prepend, relative, self._forward_state(), self._thread
         )
         self._handles.append(handle)
         return proxy
@@ -232,7 +253,9 @@ class HookedModuleRun:
         """Replace ``key``'s value by ``value`` (a tensor or a :class:`CacheProxy`) or a callback's."""
         self._check("set")
         self._handles.append(
-            self._module._set(key, value, callback, direction, prepend, relative, self._calls, self._thread)
+            self._module._set(
+                key, value, callback, direction, prepend, relative, self._forward_state(), self._thread
+            )
         )
 
     def stop(self, key: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "CompiledModelError",
+    "CompositionError",
     "ConcurrencyError",
     "ContextStateError",
     "DeadReferenceError",
@@ -27,6 +28,7 @@ __all__ = [
     "InterventionShapeError",
     "InvalidDirectionError",
     "InvalidInputError",
+    "InvalidKeyError",
     "InvalidParameterError",
     "MissingKeyError",
     "ModulePathError",
@@ -82,6 +84,14 @@ class DeadReferenceError(ContextStateError, ValueError):
 
 class ConcurrencyError(ContextStateError):
     """Two threads would share hooks, edits or per-call state that cannot be kept apart."""
+
+
+class CompositionError(TdhookError, ValueError):
+    """Methods cannot be combined in one context as given (no method, unrelated hooked-module classes)."""
+
+
+class InvalidKeyError(TdhookError, ValueError):
+    """A TensorDict key is malformed, or is not one of the module's keys."""
 
 
 class ExtensionConflictError(ContextStateError, ValueError):

@@ -24,6 +24,7 @@ from ..errors import (
     CompiledModelError,
     DtypeMismatchError,
     InvalidInputError,
+    InvalidKeyError,
     TdhookError,
 )
 from . import keys as _keys
@@ -186,12 +187,12 @@ def _check_subset(keys: Any, available: Sequence[Any], name: str) -> list[Any]:
     out = []
     for key in keys:
         if not _keys.is_unraveled(key):
-            raise ValueError(
+            raise InvalidKeyError(
                 f"{name} must be unraveled (a str or a tuple of str), got {type(key).__name__} {key!r}."
             )
         key = key if isinstance(key, str) or len(key) > 1 else key[0]
         if key not in available:
-            raise ValueError(
+            raise InvalidKeyError(
                 f"Key {key!r} not in module.{name}: {list(available)}. Pass a subset of the module's {name}."
             )
         out.append(key)
@@ -238,6 +239,7 @@ def _direct_call(module: nn.Module, x: Any, out_key: Any) -> Any:
         out = out[out_key]
     if isinstance(out, tuple):
         if len(out) > 1:
+            # the same errors as TensorDictModule's own tensor call, which this shortcut replaces
             raise RuntimeError(
                 f"There are more tensors (len(tensors)={len(out)}) than out_keys (out_keys=[{out_key!r}])."
             )

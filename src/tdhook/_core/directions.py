@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import (
     InvalidDirectionError,
+    InvalidInputError,
 )
 
 __all__ = ["HandleGroup", "HookDirection", "HookSpec", "Installable", "install", "register"]
@@ -175,7 +176,10 @@ class HandleGroup:
 
     def __add__(self, other: HandleGroup) -> HandleGroup:
         if not isinstance(other, HandleGroup):
-            raise TypeError(f"Can only add a HandleGroup to a HandleGroup, got {type(other).__name__}")
+            raise InvalidInputError(
+                f"Can only add a HandleGroup to a HandleGroup, got {type(other).__name__}. "
+                "Wrap torch handles first: HandleGroup([handle])."
+            )
         return HandleGroup(self._handles + other._handles)
 
     def __enter__(self) -> HandleGroup:

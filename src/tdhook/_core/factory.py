@@ -9,9 +9,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 from tensordict import TensorDictBase
 from torch import nn
 
-from ..errors import (
-    InvalidInputError,
-)
+from ..errors import CompositionError, InvalidInputError
 from .boundary import wrap_module
 from .directions import HandleGroup, Installable
 from .hooked import HookedModule
@@ -58,6 +56,11 @@ class HookingContextFactory(Generic[_C]):
     def components(self) -> tuple[HookingContextFactory, ...]:
         """The methods a context of this factory runs, in order: ``(self,)``; a composite's parts."""
         return (self,)
+
+    @property
+    def hooked_module_class(self) -> type[HookedModule]:
+        """The class of the hooked module a context builds (HookedModule; methods add extensions)."""
+        return self._hooked_module_class
 
     @property
     def needs_tensordict(self) -> bool:
@@ -191,12 +194,12 @@ def _most_derived_module_class(factories: Sequence[HookingContextFactory]) -> ty
     """The one hooked-module class that is a subclass of every component's class."""
     chosen: type[HookedModule] = HookedModule
     for f in factories:
-        cls = f._hooked_module_class
+        cls = f.hooked_module_class
         if issubclass(cls, chosen):
             chosen = cls
         elif not issubclass(chosen, cls):
-            names = sorted({type(g).__name__ + " -> " + g._hooked_module_class.__name__ for g in factories})
-            raise ValueError(
+            names = sorted({type(g).__name__ + " -> " + g.hooked_module_class.__name__ for g in factories})
+            raise CompositionError(
                 f"Cannot compose methods that need unrelated hooked-module classes ({', '.join(names)}). "
                 "Use them in nested `with` blocks instead, or subclass one hooked-module class from the other."
             )
@@ -231,7 +234,8 @@ class CompositeHookingContextFactory(HookingContextFactory[HookingContextWithCac
         *factories: The methods to compose (configured instances).
 
     Raises:
-        ValueError: With no factory, or with components declaring unrelated hooked-module classes.
+        CompositionError: With no factory, or with components declaring unrelated hooked-module
+            classes (a ``ValueError``).
         InvalidInputError: If an argument is not a method instance.
 
     Examples:
@@ -253,13 +257,13 @@ class CompositeHookingContextFactory(HookingContextFactory[HookingContextWithCac
 
     def __init__(self, *factories: HookingContextFactory) -> None:
         if not factories:
-            raise ValueError(
+            raise CompositionError(
                 "CompositeHookingContextFactory needs at least one factory, e.g. "
                 "CompositeHookingContextFactory(SteeringVectors(...), ActivationCaching(...))."
             )
         flat = _flatten_factories(factories)
         self._factories = tuple(flat)
-        self._needs_tensordict = any(f._needs_tensordict for f in flat)
+        self._needs_tensordict = any(f.needs_tensordict for f in flat)
         self._hooked_module_class = _most_derived_module_class(flat)
 
     @property

@@ -119,7 +119,7 @@ class HookingContext:
         if self.is_active:
             raise ContextStateError("Cannot enter context twice")
         factory = self.factory
-        hooked = factory._hooked_module_class(
+        hooked = factory.hooked_module_class(
             self.module,
             hooking_context=self,
             relative_path=join_paths(ROOT_NAME, self.extra_relative_path),

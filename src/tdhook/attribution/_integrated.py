@@ -22,7 +22,7 @@ from ..core import check_keys
 from ._engine import GradientAttribution
 from ._errors import KEYS, AttributionError, BaselineError
 from ._gradient import GradTimesInput
-from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
+from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional, positive_int
 from ._quadrature import IntegrationMethod, approximation_parameters
 from ._strategies import Job, Run, Sampler, as_is
 from ._targets import check_finite, key_str
@@ -249,12 +249,6 @@ class PathSampler(Sampler):
         job.td.set(KEYS.convergence_delta, (total - diff.to(total.dtype)).detach())
 
 
-def _positive_or_none(value: Any, name: str) -> int | None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise AttributionError(f"{name} must be a positive int or None, got {value!r}. E.g. {name}=8.")
-    return value
-
-
 class IntegratedGradients(GradientAttribution):
     """Integrated gradients (Sundararajan et al., 2017) along the straight path baseline → input.
 
@@ -333,8 +327,8 @@ class IntegratedGradients(GradientAttribution):
             step_sizes=torch.tensor(step_fn(n_steps), dtype=torch.float64),
             baseline_key=baseline_key,
             compute_convergence_delta=self.compute_convergence_delta,
-            chunk_size=_positive_or_none(chunk_size, "chunk_size"),
-            max_rows=_positive_or_none(max_batch_size, "max_batch_size"),
+            chunk_size=positive_int(chunk_size, "chunk_size", optional=True),
+            max_rows=positive_int(max_batch_size, "max_batch_size", optional=True, example=1024),
         )
         resolved = GradientOptions.build(options, settings, type(self).__name__)
         self._configure(resolved, sampler, GradTimesInput(multiply=self.multiply_by_inputs))
@@ -365,7 +359,8 @@ class IntegratedGradients(GradientAttribution):
             except RuntimeError:
                 raise AttributionError(
                     f"One-hot labels shape {tuple(labels.shape)} does not match target shape "
-                    f"{tuple(target.shape)}: labels need the batch shape {tuple(batch)}."
+                    f"{tuple(target.shape)}: labels need the batch shape {tuple(batch)}: store one class index per sample at "
+                    f"additional[{label_key!r}][{key!r}]."
                 ) from None
             result.set(key, target.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1))
         return result

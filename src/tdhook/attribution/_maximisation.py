@@ -61,7 +61,9 @@ class ActivationMaximisation(GradientAttribution):
         if not modules:
             raise AttributionError("modules_to_maximise is empty; pass module paths, e.g. ['layer3'].")
         if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
-            raise AttributionError(f"n_steps must be a non-negative int, got {n_steps!r}.")
+            raise AttributionError(
+                f"n_steps must be a non-negative int, got {n_steps!r}. Pass e.g. n_steps=10."
+            )
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise AttributionError(
                 f"alpha must be a finite step size >= 0, got {alpha!r}. For gradient descent, negate the "

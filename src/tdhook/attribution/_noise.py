@@ -9,7 +9,6 @@ the mean of the maps, VarGrad their variance (captum's ``NoiseTunnel`` "smoothgr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from ..core import HookedModule, HookingContext, HookingContextFactory, Installa
 from ._engine import GradientAttribution
 from ._errors import AttributionError
 from ._gradient import Saliency
+from ._options import noise_stdevs, positive_int
 from ._targets import check_finite, check_per_sample_targets
 
 __all__ = ["SmoothGrad", "VarGrad"]
@@ -46,25 +46,11 @@ class _NoiseTunnel(HookingContextFactory):
                 f"{type(self).__name__} wraps a gradient method (e.g. Saliency(), IntegratedGradients()), "
                 f"got {type(method).__name__}."
             )
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise AttributionError(f"n_samples must be a positive int, got {n_samples!r}.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-        if (
-            isinstance(stdevs, bool)
-            or not isinstance(stdevs, (int, float))
-            or not math.isfinite(stdevs)
-            or stdevs < 0
-        ):
-            raise AttributionError(
-                f"stdevs must be a finite number >= 0 (the noise standard deviation), got {stdevs!r}."
-            )
-        if isinstance(n_samples, bool):
-            raise AttributionError(f"n_samples must be a positive int, got {n_samples!r}.")
         self.method = method
+        positive_int(n_samples, "n_samples", example=10)
         self.n_samples = n_samples
-        self.stdevs = float(stdevs)
-        self.chunk_size = chunk_size
+        self.stdevs = noise_stdevs(stdevs)
+        self.chunk_size = positive_int(chunk_size, "chunk_size", optional=True)
         self.generator = generator
 
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -39,7 +40,9 @@ __all__ = [
     "TargetsArg",
     "accepts_positional",
     "module_names",
+    "noise_stdevs",
     "parse_targets",
+    "positive_int",
 ]
 
 #: ``f(td, additional) -> TensorDict``: the signature of every ``init_attr_*`` callback.
@@ -299,6 +302,41 @@ def _full_signature(init: Callable[..., Any], names: Sequence[str]) -> inspect.S
             if name not in seen
         )
     return own.replace(parameters=out)
+
+
+def positive_int(value: Any, name: str, *, optional: bool = False, example: int = 8) -> int | None:
+    """``value`` if it is a positive int (or ``None`` when ``optional``).
+
+    Raises:
+        AttributionError: Otherwise (a ``ValueError``), with an example value.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AttributionError(
+            f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}. "
+            f"Pass e.g. {name}={example}."
+        )
+    return value
+
+
+def noise_stdevs(value: Any) -> float:
+    """``value`` as a float if it is a finite number >= 0 (a noise standard deviation).
+
+    Raises:
+        AttributionError: Otherwise (a ``ValueError``).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise AttributionError(
+            f"stdevs must be a finite number >= 0 (the noise standard deviation), got {value!r}. "
+            "Pass e.g. stdevs=0.1 (0: no noise)."
+        )
+    return float(value)
 
 
 def parse_targets(targets: Any, separate: bool = False) -> int | list[int] | torch.Tensor | None:

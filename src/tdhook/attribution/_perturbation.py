@@ -20,7 +20,7 @@ from typing_extensions import Unpack
 
 from ..core import HookedModule, HookingContextFactory, check_keys
 from ._errors import KEYS, AttributionError, BaselineError, TargetError
-from ._options import AttrCallback, TargetsArg, parse_targets
+from ._options import AttrCallback, TargetsArg, parse_targets, positive_int
 from ._targets import check_finite, check_per_sample_targets, key_str
 
 __all__ = ["FeatureAblation", "Occlusion", "PerturbationSettings"]
@@ -74,17 +74,18 @@ class _Perturbation(HookingContextFactory):
         targets = parse_targets(targets, separate_targets)
         if separate_targets and not isinstance(targets, list):
             raise AttributionError(
-                f"separate_targets=True needs several targets (targets=[i, j, ...]), got {targets!r}."
+                f"separate_targets=True needs several targets, got targets={targets!r}. Pass targets=[i, j, ...]."
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise AttributionError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        positive_int(chunk_size, "chunk_size", optional=True, example=64)
         self.targets = targets
         self.separate_targets = bool(separate_targets)
         self.init_attr_targets = init_attr_targets
         self.additional_init_keys = list(additional_init_keys or [])
         self.baseline_key = baseline_key
         if not isinstance(baseline_value, (int, float)) or not math.isfinite(baseline_value):
-            raise AttributionError(f"baseline_value must be a finite number, got {baseline_value!r}.")
+            raise AttributionError(
+                f"baseline_value must be a finite number, got {baseline_value!r}. Pass e.g. baseline_value=0.0."
+            )
         self.baseline_value = float(baseline_value)
         self.check_finite = bool(check_finite)
         self.chunk_size = chunk_size
@@ -137,7 +138,10 @@ class _Perturbation(HookingContextFactory):
                 part = picked.sum(1) if self.separate_targets else picked.sum((1, 2)).unsqueeze(-1)
             total = part if total is None else total + part
         if total is None:
-            raise AttributionError("No targets: the model has no outputs to attribute.")
+            raise AttributionError(
+                "No targets: the model wrote no outputs to attribute. Check the model's out_keys, or return "
+                "the targets from init_attr_targets."
+            )
         return total
 
     def _call(
@@ -259,7 +263,7 @@ class _GroupMasks:
         except RuntimeError:
             raise AttributionError(
                 f"feature_mask[{key_str(key)!r}] has shape {tuple(ids.shape)}, which does not broadcast to the "
-                f"feature shape {tuple(feature_shape)}."
+                f"feature shape {tuple(feature_shape)}. Give group ids of the feature shape (no batch dimension)."
             ) from None
         groups = torch.unique(ids)
         return (ids.unsqueeze(0) == groups.view(-1, *([1] * len(feature_shape)))).to(like.dtype)
@@ -286,14 +290,14 @@ class _WindowMasks:
         if len(window) != len(feature_shape) or len(strides) != len(window):
             raise AttributionError(
                 f"sliding window {window} / strides {strides} for {key!r} must have one entry per feature "
-                f"dimension of shape {tuple(feature_shape)}."
+                f"dimension of shape {tuple(feature_shape)}. Give e.g. sliding_window_shapes={tuple(1 for _ in feature_shape)}."
             )
         axes = []
         for size, w, s in zip(feature_shape, window, strides):
             if w > size or s < 1 or (w < size and s > w):
                 raise AttributionError(
                     f"window {w} / stride {s} do not fit a dimension of size {size} (need window <= size and "
-                    "1 <= stride <= window)."
+                    "1 <= stride <= window). Use a smaller window or stride."
                 )
             count = math.ceil((size - w) / s) + 1
             pos = torch.arange(size, device=like.device)

@@ -58,7 +58,7 @@ class IntegrationMethod(str, Enum):
         except ValueError:
             raise AttributionError(
                 f"Invalid integral approximation method name: {value!r}. Expected one of "
-                f"{[m.value for m in cls]}."
+                f"{[m.value for m in cls]}, e.g. method='gausslegendre'."
             ) from None
 
 
@@ -94,7 +94,9 @@ def _riemann_alphas(method: Riemann, n: int) -> list[float]:
         return torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n).tolist()
     if method is Riemann.trapezoid:
         return torch.linspace(0, 1, n).tolist()
-    raise AttributionError(f"Unknown Riemann method {method!r}; expected one of {list(Riemann)}.")
+    raise AttributionError(
+        f"Unknown Riemann method {method!r}; expected one of {list(Riemann)}, e.g. Riemann.trapezoid."
+    )
 
 
 def riemann_builders(method: Riemann = Riemann.trapezoid) -> tuple[StepFn, StepFn]:
@@ -111,13 +113,13 @@ def riemann_builders(method: Riemann = Riemann.trapezoid) -> tuple[StepFn, StepF
 
 def _gl_step_sizes(n: int) -> list[float]:
     if n < 1:
-        raise AttributionError(f"Gauss-Legendre needs n_steps >= 1, got {n}.")
+        raise AttributionError(f"Gauss-Legendre needs n_steps >= 1, got {n}. Use e.g. n_steps=50.")
     return (0.5 * np.polynomial.legendre.leggauss(n)[1]).tolist()
 
 
 def _gl_alphas(n: int) -> list[float]:
     if n < 1:
-        raise AttributionError(f"Gauss-Legendre needs n_steps >= 1, got {n}.")
+        raise AttributionError(f"Gauss-Legendre needs n_steps >= 1, got {n}. Use e.g. n_steps=50.")
     return (0.5 * (1 + np.polynomial.legendre.leggauss(n)[0])).tolist()
 
 

@@ -8,7 +8,6 @@ chunk go through the model in one forward and one backward pass.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,7 +18,14 @@ from typing_extensions import Unpack
 from ._engine import GradientAttribution
 from ._errors import KEYS, AttributionError, BaselineError
 from ._integrated import read_baselines
-from ._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
+from ._options import (
+    SHARED_POSITIONAL,
+    GradientOptions,
+    GradientSettings,
+    accepts_positional,
+    noise_stdevs,
+    positive_int,
+)
 from ._strategies import Job, Run, Sampler, as_is
 from ._targets import check_finite, key_str
 
@@ -132,15 +138,6 @@ class ShapSampler(Sampler):
         return {key_str(k): d[:, start:stop].reshape(-1, *d.shape[2:]) for k, d in job.extras["diff"].items()}
 
 
-def _positive(value: object, name: str, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise AttributionError(
-            f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}. E.g. {name}=4."
-        )
-
-
 class GradientShap(GradientAttribution):
     """GradientShap: SmoothGrad-noised, randomly-baselined input × gradient (captum's values).
 
@@ -181,20 +178,11 @@ class GradientShap(GradientAttribution):
         options: GradientOptions | None = None,
         **settings: Unpack[GradientSettings],
     ) -> None:
-        _positive(n_samples, "n_samples", optional=False)
-        _positive(chunk_size, "chunk_size", optional=True)
-        _positive(max_batch_size, "max_batch_size", optional=True)
-        if (
-            isinstance(stdevs, bool)
-            or not isinstance(stdevs, (int, float))
-            or not math.isfinite(stdevs)
-            or stdevs < 0
-        ):
-            raise AttributionError(
-                f"stdevs must be a finite number >= 0 (the noise standard deviation), got {stdevs!r}."
-            )
+        positive_int(n_samples, "n_samples", example=5)
+        positive_int(chunk_size, "chunk_size", optional=True)
+        positive_int(max_batch_size, "max_batch_size", optional=True, example=1024)
         self.n_samples = n_samples
-        self.stdevs = float(stdevs)
+        self.stdevs = noise_stdevs(stdevs)
         self.baseline_key = baseline_key
         self.multiply_by_inputs = bool(multiply_by_inputs)
         sampler = ShapSampler(

@@ -94,7 +94,7 @@ def _per_sample_seed(target: torch.Tensor, index: torch.Tensor, batch: torch.Siz
         bad = index[(index < -size) | (index >= size)].tolist()
         raise TargetError(
             f"per-sample targets {bad} out of range for a target of shape {tuple(target.shape)}: indices "
-            f"select the last dimension (size {size})."
+            f"select the last dimension (size {size}). Give indices in [-{size}, {size})."
         )
     index = index.remainder(size).reshape(torch.Size((*batch[:k], *([1] * (target.dim() - k)))))
     index = index.expand(*target.shape[:-1], 1)
@@ -124,7 +124,7 @@ def default_seed(
     if bad or target.dim() == 0:
         raise TargetError(
             f"targets {bad or indices} out of range for a target of shape {tuple(target.shape)}: indices "
-            f"select the last dimension (size {size})."
+            f"select the last dimension (size {size}). Give indices in [-{size}, {size})."
         )
     if not options.separate_targets:
         seed = torch.zeros_like(target)
@@ -235,7 +235,7 @@ def _user_seeds(
         if not isinstance(seed, torch.Tensor):
             raise AttributionError(
                 f"init_grads returned a {type(seed).__name__} for {key!r}, expected a tensor of shape "
-                f"{tuple(value.shape)}."
+                f"{tuple(value.shape)}. Return one tensor per target key (e.g. targets.apply(torch.ones_like))."
             )
         lead = (seed.shape[0],) if separate and seed.dim() > value.dim() else ()
         expected = lead + tuple(value.shape)

@@ -300,7 +300,7 @@ def _mergeable(layer: nn.Module) -> bool:
 def _merge(layer_name: str, layer: Any, bn_name: str, bn: Any) -> list[Installable]:
     if not _mergeable(layer):
         raise CanonizerError(
-            f"MergeBatchNorm: {layer_name!r} is a {type(layer).__name__}, expected nn.Linear or a ConvNd."
+            f"MergeBatchNorm: {layer_name!r} is a {type(layer).__name__}, expected nn.Linear or a ConvNd. Pass pairs=[(layer_path, batchnorm_path)] naming such a layer."
         )
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     if mean is None or var is None:

@@ -85,5 +85,7 @@ def rule_from_name(name: str | RuleName) -> Rule:
         ) from None
     factory = _BY_NAME.get(key)
     if factory is None:  # every member has a factory; keep dispatch total
-        raise RuleMappingError(f"No factory for LRP rule name {key.value!r}.")
+        raise RuleMappingError(
+            f"No factory for LRP rule name {key.value!r}; pass a Rule instance instead (e.g. EpsilonRule())."
+        )
     return factory()

@@ -119,7 +119,8 @@ class UniformRule(Rule):
     def check(self, module: nn.Module, inputs: Tensors, outputs: Tensors) -> None:
         if len(outputs) != 1:
             raise RuleInputError(
-                f"UniformRule needs a module with one output, {type(module).__name__} returned {len(outputs)}."
+                f"UniformRule needs a module with one output, {type(module).__name__} returned {len(outputs)}. "
+                "Use EpsilonRule for this module."
             )
 
     def relevance(self, module: nn.Module, inputs: Tensors, outputs: Tensors, relevance: Tensors) -> list:

@@ -1,4 +1,4 @@
-"""Every latent method on tiny Hugging Face models: caching ".*", patching, steering, IG, probing."""
+"""Every method on tiny Hugging Face models: caching ".*", patching, steering, IG and LRP, probing."""
 
 from __future__ import annotations
 
@@ -192,6 +192,52 @@ def test_steering_equals_a_manual_forward_hook(build, layer) -> None:
         assert not torch.allclose(model(x).logits, expected)
 
 
+ENCODERS = {
+    "bert": (bert, "encoder.layer.0", "input_ids", lambda seed: ids(seed=seed)),
+    "vit": (
+        vit,
+        "layers.0",
+        "pixel_values",
+        lambda seed: torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_patching_and_steering_an_encoder_layer(family: str) -> None:
+    """BERT and ViT: patching a layer between two inputs and steering it equal hand-written hooks."""
+    build, layer, key, make_input = ENCODERS[family]
+    model = build()
+    clean, corrupted = make_input(1), make_input(2)
+    io = {"in_keys": {key: key}, "out_keys": ["last_hidden_state"]}
+    td = TensorDict({key: clean, ("patched", key): corrupted}, batch_size=[2])
+    with torch.no_grad(), ActivationPatching([layer]).prepare(model, **io) as hooked:
+        td = hooked(td)
+    module = model.get_submodule(layer)
+    saved = {}
+    handle = module.register_forward_hook(lambda m, a, o: saved.__setitem__("clean", o))
+    with torch.no_grad():
+        model(**{key: clean})
+    handle.remove()
+    handle = module.register_forward_hook(lambda m, a, o: saved["clean"])
+    with torch.no_grad():
+        expected = model(**{key: corrupted}).last_hidden_state
+    handle.remove()
+    torch.testing.assert_close(td["patched", "last_hidden_state"], expected, rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(model(**{key: corrupted}).last_hidden_state, expected)
+
+    v = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), SteeringVectors([layer], vectors={layer: v}).prepare(model, **io) as hooked:
+        steered = hooked(TensorDict({key: clean}, batch_size=[2]))["last_hidden_state"]
+    handle = module.register_forward_hook(lambda m, a, o: o + v)
+    with torch.no_grad():
+        expected = model(**{key: clean}).last_hidden_state
+    handle.remove()
+    torch.testing.assert_close(steered, expected, rtol=0, atol=0)
+    assert not module._forward_hooks
+
+
 def test_integrated_gradients_on_token_embeddings() -> None:
     """Layer IG on the token embedding, oracle: a hand-written Riemann IG through `inputs_embeds`."""
     model = gpt2()
@@ -218,6 +264,49 @@ def test_integrated_gradients_on_token_embeddings() -> None:
         grads += point.grad / 16
     torch.testing.assert_close(attr, grads * (emb - base), rtol=1e-4, atol=1e-6)
     assert attr.shape == (1, 5, 32)
+
+
+def test_lrp_on_token_embeddings() -> None:
+    """LRP relevance at the token embedding; oracle: the rules' backward written by hand.
+
+    The ε-rule on the bias-free ``lm_head`` with the relevance seeded at the target logit ``z_t``
+    gives its input the relevance ``x ⊙ W_t`` (``x ⊙ Wᵀ (R / z)`` with ``R = z``); every other
+    module has no rule, so that relevance flows back to the embedding as a vector-Jacobian
+    product through ``inputs_embeds``.
+    """
+    from tdhook.attribution import LRP
+    from tdhook.attribution.lrp import EpsilonRule
+
+    model, x, target = gpt2(), ids(batch=2, length=5), 7
+    ruled = []
+
+    def rules(name: str, module: torch.nn.Module) -> EpsilonRule | None:
+        if name.endswith("lm_head"):
+            ruled.append(name)
+            return EpsilonRule(epsilon=1e-9)
+        return None
+
+    lrp = LRP(
+        use_inputs=False,
+        input_modules=["transformer.wte"],
+        rule_mapper=rules,
+        targets=[target],
+        init_relevance="outputs",
+        warn_on_missing_rule=False,
+    )
+    with lrp.prepare(model, in_keys={"input_ids": "input_ids"}, out_keys=["logits"]) as hooked:
+        td = hooked(TensorDict(input_ids=x, batch_size=[2]))
+    relevance = td["attr", "transformer.wte"]
+    assert ruled == ["module.lm_head"]
+    embeddings = model.transformer.wte(x).detach().requires_grad_(True)
+    final = model(inputs_embeds=embeddings, output_hidden_states=True).hidden_states[-1]  # after ln_f
+    at_lm_head = (final * model.lm_head.weight[target]).detach()
+    (expected,) = torch.autograd.grad(final, embeddings, grad_outputs=at_lm_head)
+    assert relevance.shape == (2, 5, 32)
+    torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-6)
+    assert relevance.abs().max() > 1e-2
+    assert not model.lm_head._forward_hooks
+    assert not model.transformer.wte._forward_hooks
 
 
 def test_probing_the_residual_stream() -> None:

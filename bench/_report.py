@@ -10,7 +10,7 @@ from typing import Any
 from ._harness import Task, machine_description
 from .tasks import TASKS, load
 
-__all__ = ["ratios", "write"]
+__all__ = ["missing_tasks", "ratios", "update", "write"]
 
 _HEADER = """# Benchmarks
 
@@ -73,6 +73,11 @@ def _fmt_time(seconds: float) -> str:
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds * 1e6:.0f} µs"
+
+
+def _fmt_ratio(ratio: float) -> str:
+    """Two decimals; three below 0.1 (0.016, i.e. 64× faster, would read 0.02)."""
+    return f"{ratio:.3f}" if ratio < 0.1 else f"{ratio:.2f}"
 
 
 def _median(lib: Mapping[str, Any], metric: str = "median_s") -> float | None:
@@ -151,6 +156,8 @@ def _task_table(task: Task, entries: list[dict[str, Any]]) -> list[str]:
                 continue
             t = lib["timing"]
             cell = f"{_fmt_time(med)} ({_fmt_time(t['p10_s'])}–{_fmt_time(t['p90_s'])}, n={t['repeats']})"
+            if t.get("extrapolated"):
+                cell += f", **extrapolated ×{t['extrapolated']:.2f}** from a measured part"
             cpu = t.get("cpu_median_s")
             cpu_cell = "" if cpu is None else _fmt_time(cpu)
             if over:
@@ -164,8 +171,8 @@ def _task_table(task: Task, entries: list[dict[str, Any]]) -> list[str]:
                 extra = "" if rss is None else f"{rss:.0f} MiB"
             ratio, ratio_cpu = r.get(name), rc.get(name)
             target = task.target(case, name)
-            rcell = "" if ratio is None else f"{ratio:.2f}"
-            rccell = "" if ratio_cpu is None else f"{ratio_cpu:.2f}"
+            rcell = "" if ratio is None else _fmt_ratio(ratio)
+            rccell = "" if ratio_cpu is None else _fmt_ratio(ratio_cpu)
             tcell = ""
             if target is not None and ratio is not None:
                 tcell = f"≤ {target:g} {'✓' if ratio <= target else '✗'}"
@@ -307,14 +314,7 @@ forward took 138 and 136 ms; in separate processes, 116 and 130 ms).
 
 def write(results: Mapping[str, Any], doc: Path, plot: Path) -> None:
     """Write the markdown report and the plot."""
-    tasks: list[tuple[Task, list[dict[str, Any]]]] = []
-    for name in TASKS:
-        entries = [e for k, e in results["cases"].items() if k.split("/")[0] == name]
-        if entries:
-            task = load(name)
-            order = {c.id: i for i, c in enumerate(task.cases)}
-            entries.sort(key=lambda e: order.get(e["case"], 99))
-            tasks.append((task, entries))
+    tasks = _entries(results)
     machine = machine_description()
     lines = [_HEADER, "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
@@ -332,6 +332,89 @@ def write(results: Mapping[str, Any], doc: Path, plot: Path) -> None:
         lines += ["## Notes", "", notes, ""]
     doc.write_text("\n".join(lines).rstrip() + "\n")
     _plot(tasks, plot)
+
+
+def _entries(results: Mapping[str, Any]) -> list[tuple[Task, list[dict[str, Any]]]]:
+    tasks = []
+    for name in TASKS:
+        entries = [e for k, e in results["cases"].items() if k.split("/")[0] == name]
+        if entries:
+            task = load(name)
+            order = {c.id: i for i, c in enumerate(task.cases)}
+            entries.sort(key=lambda e: order.get(e["case"], 99))
+            tasks.append((task, entries))
+    return tasks
+
+
+def missing_tasks(results: Mapping[str, Any], doc: Path) -> list[str]:
+    """Tasks with a table in the published ``doc`` but no entry in ``results``."""
+    if not doc.exists():
+        return []
+    headings = {line for line in doc.read_text().splitlines() if line.startswith("### ")}
+    have = {key.split("/")[0] for key in results["cases"]}
+    return [n for n in TASKS if n not in have and f"### {load(n).title}" in headings]
+
+
+def _section(lines: list[str], heading: str) -> tuple[int, int] | None:
+    """``[start, end)`` of the section under ``heading`` (up to the next ``##``/``###`` heading)."""
+    if heading not in lines:
+        return None
+    start = lines.index(heading)
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if lines[i].startswith("## ") or lines[i].startswith("### ")
+        ),
+        len(lines),
+    )
+    return start, end
+
+
+def update(results: Mapping[str, Any], doc: Path) -> list[str]:
+    """Rewrite, in the published ``doc``, the tables of the tasks that have results; keep the rest.
+
+    For a ``results.json`` that holds only some tasks (it is git-ignored: a fresh machine starts
+    empty): each such task's table is replaced (or inserted in report order), its lines under
+    *Where we fall short* are recomputed, and an ``updated`` line names the tasks and the date.
+    Every other table, the analysis and the plot stay as published. Returns the updated tasks.
+    """
+    tasks = _entries(results)
+    lines = doc.read_text().splitlines()
+    names = [task.name for task, _ in tasks]
+    for task, entries in tasks:
+        table = _task_table(task, entries)
+        found = _section(lines, f"### {task.title}")
+        if found is not None:
+            lines[found[0] : found[1]] = table
+            continue
+        later = [f"### {load(n).title}" for n in TASKS[TASKS.index(task.name) + 1 :]]
+        anchors = [*later, "### Cold import time and installed size", "## Analysis: where the time goes"]
+        at = next((lines.index(a) for a in anchors if a in lines), len(lines))
+        lines[at:at] = table
+    short = _section(lines, "## Where we fall short")
+    if short is not None:
+        kept = [
+            line
+            for line in lines[short[0] + 1 : short[1]]
+            if line.startswith("- ")
+            and not line.startswith("- none")
+            and not any(line.startswith(f"- `{n}` ") for n in names)
+        ]
+        new = [row for row in _shortfalls(tasks) if not row.startswith("- none")]
+        rows = kept + new or ["- none among the cases measured."]
+        lines[short[0] : short[1]] = ["## Where we fall short", "", *rows, ""]
+    stamp = f"- updated: {datetime.date.today().isoformat()}, tables of {', '.join(names)} (the others as generated)"
+    lines = [
+        line
+        for line in lines
+        if not line.startswith(f"- updated: {datetime.date.today().isoformat()}, tables of ")
+    ]
+    generated = next((i for i, line in enumerate(lines) if line.startswith("- generated: ")), None)
+    if generated is not None:
+        lines.insert(generated + 1, stamp)
+    doc.write_text("\n".join(lines).rstrip() + "\n")
+    return names
 
 
 def _plot(tasks: list[tuple[Task, list[dict[str, Any]]]], path: Path) -> None:

@@ -14,7 +14,9 @@ when rerun), so tasks can be run one at a time and the report stays complete.
 The published report (``docs/benchmarks.md``/``.png``) is only ever replaced by a complete one:
 when an environment a task needs is missing, nothing runs, the command says how to build it and
 exits with status 2; when a case is unavailable, the report goes to ``bench/results/`` (git-ignored)
-instead and the command exits with status 1.
+instead and the command exits with status 1. When the results lack tasks that the published report
+has tables for (``bench/results/`` is git-ignored, so a fresh machine starts empty), only the
+tables of the tasks that ran are replaced and the rest of the page is kept.
 """
 
 from __future__ import annotations
@@ -118,7 +120,11 @@ def unavailable_cases(results: dict[str, Any]) -> list[str]:
 
 
 def publish(results: dict[str, Any]) -> int:
-    """Write the report: to ``docs/`` when every case ran, else to ``bench/results/`` (returns 1)."""
+    """Write the report: to ``docs/`` when every case ran, else to ``bench/results/`` (returns 1).
+
+    Results that lack some of the published tasks update only their own tables (see
+    :func:`bench._report.update`).
+    """
     missing = unavailable_cases(results)
     if missing:
         _report.write(results, PARTIAL_DOC, PARTIAL_PLOT)
@@ -129,6 +135,15 @@ def publish(results: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 1
+    absent = _report.missing_tasks(results, DOC)
+    if absent:
+        updated = _report.update(results, DOC)
+        print(
+            f"updated the tables of {', '.join(updated)} in {DOC.relative_to(ROOT)}; the results hold no entry for "
+            f"{', '.join(absent)}, so their tables and {PLOT.relative_to(ROOT)} stay as published.",
+            file=sys.stderr,
+        )
+        return 0
     _report.write(results, DOC, PLOT)
     print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
     return 0

@@ -87,3 +87,24 @@ def test_import_size_measures_an_environment(tmp_path, monkeypatch) -> None:
 def test_every_task_has_a_smoke_case() -> None:
     missing = [name for name in TASKS if not any(case.smoke is not None for case in load(name).cases)]
     assert not missing, f"benchmark tasks without a smoke case (Case(..., smoke={{...}})): {missing}"
+
+
+def test_extrapolated_times_scale_and_are_marked() -> None:
+    """A timed part of a long call (e.g. 26 of activation patching's 242 forwards) scales to the whole."""
+    from bench._harness import extrapolated
+    from bench.tasks.attribution_patching_gpt2 import MEASURED_SITES, spread
+
+    timing = {"median_s": 1.0, "p10_s": 0.5, "p90_s": 2.0, "min_s": 0.4, "cpu_median_s": 1.5, "repeats": 3}
+    scaled = extrapolated({**timing, "peak_rss_mib": 7.0}, 242 / 26)
+    assert scaled["median_s"] == pytest.approx(242 / 26)
+    assert scaled["cpu_median_s"] == pytest.approx(1.5 * 242 / 26)
+    assert scaled["repeats"] == 3
+    assert scaled["peak_rss_mib"] == 7.0  # memory is not scaled
+    assert scaled["extrapolated"] == pytest.approx(242 / 26)
+    assert "extrapolated" not in extrapolated(timing, 1.0)
+    sites = spread(240, MEASURED_SITES)
+    assert len(sites) == MEASURED_SITES == 24
+    assert sites[0] == 0
+    assert sites[-1] == 239  # the residual-stream sites (first 96) and the heads (last 144) both sampled
+    assert sum(s < 96 for s in sites) == 10
+    assert spread(240, None) == list(range(240))

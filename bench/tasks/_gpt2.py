@@ -62,15 +62,26 @@ def _record(order: list[str], name: str, module: Any, args: Any, output: Any) ->
     order.append(name)
 
 
-def _store(store: dict, key: str, module: Any, args: Any, output: Any) -> None:
-    store[key] = first(output)
+def _store(store: dict, keep: Any, key: str, module: Any, args: Any, output: Any) -> None:
+    store[key] = keep(output)
+
+
+def all_modules(params: Any) -> bool:
+    """Scope ``all`` (every submodule) rather than ``blocks`` (the 12 block outputs)."""
+    return params["scope"] == "all"
 
 
 class Tdhook(Impl):
-    """``ActivationCaching(pattern, callback=first)``, entered and left around every call."""
+    """``ActivationCaching(pattern, callback=first)``, entered and left around every call.
+
+    Subclasses change what is cached and how (``callback``: None for the default nesting rule,
+    ``out_key``: the model output's key) and what the gate reads (``output``).
+    """
 
     name = "tdhook"
     label = "tdhook ActivationCaching"
+    callback: Any = staticmethod(first)
+    out_key = "output"
 
     def setup(self, params):
         from tensordict import TensorDict
@@ -79,9 +90,10 @@ class Tdhook(Impl):
 
         model, self.ids = build(params)
         self.n_layer = params.get("n_layer", N_LAYERS)
-        pattern = BLOCK_PATTERN if params["scope"] == "blocks" else r".+"
-        self.context = ActivationCaching(pattern, callback=first).prepare(
-            model, in_keys={"input_ids": "input_ids"}, out_keys=["output"]
+        pattern = r".+" if all_modules(params) else BLOCK_PATTERN
+        options = {} if self.callback is None else {"callback": self.callback}
+        self.context = ActivationCaching(pattern, **options).prepare(
+            model, in_keys={"input_ids": "input_ids"}, out_keys=[self.out_key]
         )
         self.td_class = TensorDict
 
@@ -96,21 +108,28 @@ class Tdhook(Impl):
 
 
 class Raw(Impl):
-    """``register_forward_hook`` on every module to cache, forward, ``remove()``."""
+    """``register_forward_hook`` on every module to cache, forward, ``remove()``.
+
+    ``keep`` is what a hook stores of a module's output (its first tensor here; subclasses may
+    keep the raw output).
+    """
 
     name = "raw"
     label = "raw torch hooks"
+    keep: Any = staticmethod(first)
 
     def setup(self, params):
         self.model, self.ids = build(params)
         self.n_layer = params.get("n_layer", N_LAYERS)
         named = dict(self.model.named_modules())
-        names = block_names(self.n_layer) if params["scope"] == "blocks" else [n for n in named if n]
+        names = [n for n in named if n] if all_modules(params) else block_names(self.n_layer)
         self.modules = [(n, named[n]) for n in names]
 
     def run(self):
         store: dict[str, Any] = {}
-        handles = [m.register_forward_hook(functools.partial(_store, store, n)) for n, m in self.modules]
+        handles = [
+            m.register_forward_hook(functools.partial(_store, store, self.keep, n)) for n, m in self.modules
+        ]
         try:
             with torch.no_grad():
                 self.logits = self.model(self.ids).logits

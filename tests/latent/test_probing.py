@@ -433,3 +433,26 @@ def test_bilinear_pair_naming_a_module_that_is_not_probed_is_refused(model, data
     narrow = Probing("0$", manager.probe_factory, additional_keys=["labels", "step_type"])
     with pytest.raises(ProbingError, match=r"pair \('0', '2'\) names \['2'\]"):
         narrow.prepare(model).__enter__()
+
+
+def test_a_tensor_call_is_refused_when_labels_come_from_the_tensordict(model, data) -> None:
+    """A tensor call carries no ``additional_keys``: the probes would get the previous call's
+    labels with new activations, so it is refused before the model runs."""
+    from tdhook.errors import InvalidInputError
+
+    seen: list[torch.Tensor] = []
+
+    class Recorder:
+        def step(self, value, **extras):
+            seen.append(value)
+
+    probing = Probing(r"0$", lambda name, direction: Recorder(), additional_keys=["labels"])
+    with probing.prepare(model) as hooked:
+        hooked(data)
+        with pytest.raises(InvalidInputError, match="Probing needs a TensorDict input, got Tensor"):
+            hooked(data["input"])
+    assert len(seen) == 1
+    plain = Probing(r"0$", lambda name, direction: Recorder())  # no labels: a tensor call is fine
+    with plain.prepare(model) as hooked:
+        hooked(data["input"])
+    assert len(seen) == 2

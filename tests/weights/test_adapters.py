@@ -168,3 +168,64 @@ def test_hooked_module_with_adapters_works_without_a_context(model) -> None:
     assert hooked.adapter_names == ["a.b"]
     assert hooked.extension(AdapterSet).adapter("a.b") is adapter
     assert any(n.startswith("adapters.") for n, _ in hooked.named_parameters())
+
+
+class Routed(nn.Module):
+    """``b(a(x))``; ``skip_a`` leaves ``a`` out, ``reverse`` runs ``a(b(x))`` (``b`` before ``a``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.skip_a = False
+        self.reverse = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reverse:
+            return self.a(self.b(x))
+        return self.b(x if self.skip_a else self.a(x))
+
+
+def _call(hooked, model: nn.Module, x: torch.Tensor, style: str) -> torch.Tensor:
+    if style == "tensordict":
+        return hooked(TensorDict(input=x, batch_size=[len(x)]))["output"]
+    if style == "tensor":
+        return hooked(x)
+    return model(x)  # the user's model called directly inside the context
+
+
+@pytest.mark.parametrize("style", ["tensordict", "tensor", "model"])
+def test_cross_layer_matches_hand_written_hooks_on_every_call_path(style) -> None:
+    torch.manual_seed(4)
+    model, transcoder = Routed(), nn.Linear(4, 4)
+    xs = [torch.randn(3, 4), torch.randn(3, 4)]
+    stored: dict[str, torch.Tensor] = {}
+    handles = [
+        model.a.register_forward_hook(lambda m, args, out: stored.__setitem__("a", out)),
+        model.b.register_forward_hook(lambda m, args, out: transcoder(stored["a"])),
+    ]
+    expected = [model(x) for x in xs]
+    for h in handles:
+        h.remove()
+    with Adapters({"t": (transcoder, "a", "b")}).prepare(model) as hooked:
+        got = [_call(hooked, model, x, style) for x in xs]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("change", ["skip_a", "reverse"])
+@pytest.mark.parametrize("style", ["tensordict", "tensor", "model"])
+def test_cross_layer_value_of_an_earlier_call_never_feeds_a_later_one(style, change) -> None:
+    """A call where the in-module does not run before the out-module is refused on every call
+    path: the previous call's value is cleared at the start of every forward of the model."""
+    torch.manual_seed(5)
+    model, transcoder = Routed(), nn.Linear(4, 4)
+    with Adapters({"t": (transcoder, "a", "b")}).prepare(model) as hooked:
+        _call(hooked, model, torch.randn(3, 4), style)  # fills the cross-layer value
+        setattr(model, change, True)
+        with pytest.raises(AdapterError, match="'a', which has not run yet"):
+            _call(hooked, model, torch.randn(3, 4), style)
+        assert hooked.hooking_context.cache.get("a_output", None) is None
+        setattr(model, change, False)
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(_call(hooked, model, x, style), transcoder(model.a(x)))

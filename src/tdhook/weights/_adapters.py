@@ -163,6 +163,22 @@ class AdapterCall:
         return self.adapter(value, **{k: hook[k] for k in self.keywords})
 
 
+@dataclass(frozen=True)
+class _ForgetValues:
+    """Forward pre-hook of the model root: a cross-layer value of an earlier forward must not feed this one.
+
+    A root hook (not the method's ``_call``) so that a tensor call and a direct call of the user's
+    model inside the context behave like a TensorDict call.
+    """
+
+    cache: TensorDictBase
+    keys: tuple[str, ...]
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for key in self.keys:
+            self.cache.pop(key, None)
+
+
 class Adapters(HookingContextFactory[HookingContextWithCache]):
     """Replace module values by adapter outputs (same-layer or cross-layer).
 
@@ -239,8 +255,6 @@ class Adapters(HookingContextFactory[HookingContextWithCache]):
         self._relative = relative
         self._cache = cache
         self._clear_cache = clear_cache
-        self._cross_keys: list[str] = []
-        self._cross_cache: TensorDictBase | None = None
 
     @property
     def adapters(self) -> dict[str, tuple[Callable[..., Any], str, str]]:
@@ -273,16 +287,8 @@ class Adapters(HookingContextFactory[HookingContextWithCache]):
                 proxy = CacheProxy(cache_key, TensorDictRef(cache))
                 call = AdapterCall(name, adapter, value_param, _keywords(adapter, d), in_key)
                 specs.append(HookSpec(out_module, SettingHook(proxy, d, call), d))
-        self._cross_keys = cross
-        self._cross_cache = cache
+        if cross:  # first hook of every forward of the model, whichever way it is called
+            specs.insert(
+                0, HookSpec(hooked.root, _ForgetValues(cache, tuple(cross)), HookDirection.FWD_PRE, True)
+            )
         return specs
-
-    def _call(
-        self, hooked: HookedModule, td: TensorDictBase, call_next: Callable[..., Any], **kwargs: Any
-    ) -> Any:
-        # A cross-layer value from a previous call must not feed this one.
-        cache = self._cross_cache
-        if cache is not None:
-            for key in self._cross_keys:
-                cache.pop(key, None)
-        return call_next(td, **kwargs)

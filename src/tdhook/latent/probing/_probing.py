@@ -99,7 +99,8 @@ class Probing(HookingContextFactory):
         relative: Match names relative to the model (True) or absolute ``td_module.…`` names.
         directions: Hook points (default ``["fwd"]``); the probe sees the output (fwd), the input
             (fwd_pre) or the input gradient (bwd).
-        additional_keys: TensorDict keys passed to ``step`` as keyword arguments.
+        additional_keys: TensorDict keys passed to ``step`` as keyword arguments. With them, a
+            call with a plain tensor is refused (it has no labels to pass).
         classes_to_hook: Only modules of these classes are probed (default: all).
         classes_to_skip: Modules of these classes are skipped (default: containers, i.e.
             ``nn.ModuleList``, ``nn.Sequential`` and TensorDict modules).
@@ -157,6 +158,8 @@ class Probing(HookingContextFactory):
         self._relative = relative
         self._directions = [HookDirection.parse(d) for d in (directions or ["fwd"])]
         self._additional_keys = list(additional_keys or [])
+        # A tensor call carries no labels: the probes would get the previous call's.
+        self._needs_tensordict = bool(self._additional_keys)
         self._classes_to_hook = tuple(classes_to_hook or self.default_classes_to_hook)
         self._classes_to_skip = tuple(classes_to_skip or self.default_classes_to_skip)
         self._extras = _Extras()

@@ -7,9 +7,10 @@ live in :mod:`tdhook.errors`.
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tensordict import TensorDictBase
@@ -26,6 +27,7 @@ __all__ = [
     "check_number",
     "check_positive_int",
     "format_repr",
+    "parse_choice",
     "read_key",
     "suffix_key",
 ]
@@ -58,6 +60,22 @@ def as_tensor(x: Any, *, name: str) -> Tensor:
             f"{name} must be a tensor or an array-like of numbers, got {type(x).__name__}; "
             f"convert it with torch.as_tensor(...) first."
         ) from err
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def parse_choice(kind: type[_E], value: Any, *, name: str) -> _E:
+    """``kind(value)``: a member of the enum ``kind`` from itself or its value, converted once at the boundary.
+
+    Raises:
+        InvalidParameterError: For any other value; the message lists the valid ones.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        valid = [c.value for c in kind]
+        raise InvalidParameterError(f"Unknown {name}: {value!r}; expected one of {valid}.") from None
 
 
 def check_finite(x: Tensor, *, name: str, expected: str | None = None) -> None:

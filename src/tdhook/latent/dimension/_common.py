@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ..._checks import as_float, check_chunk_size, check_finite, check_number, read_key
+from ..._checks import as_float, check_chunk_size, check_finite, check_number, format_repr, read_key
 from ...errors import IncompatibleInputsError, InvalidInputError, InvalidParameterError
 
 __all__ = [
@@ -100,3 +101,34 @@ def init_io(
     estimator.chunk_size = check_chunk_size(chunk_size)
     estimator.in_keys = [in_key]
     estimator.out_keys = [out_key, *(extra_out_keys or [])]
+
+
+def read_knn_points(estimator: Any, td: TensorDictBase) -> tuple[Tensor, tuple[int, ...], int, int]:
+    """The points at ``estimator.in_key``, the batch shape, ``N`` and the resolved ``k`` (``"auto"``: from ``N``)."""
+    x, batch = read_points(td, estimator.in_key, owner=type(estimator).__name__)
+    n = x.shape[-2]
+    return x, batch, n, auto_k(n) if estimator.k == AUTO else int(estimator.k)
+
+
+class KnnEstimator(TensorDictModuleBase):
+    """Base of the per-point k-NN estimators: ``k`` (or ``"auto"``), keys, ``eps``, ``chunk_size``."""
+
+    #: The smallest valid ``k`` and the message for a smaller one.
+    k_minimum: ClassVar[tuple[int, str]] = (1, "k must be at least 1")
+
+    def __init__(
+        self,
+        k: KSpec = AUTO,
+        in_key: NestedKey = "data",
+        out_key: NestedKey = "dimension",
+        eps: float = 1e-5,
+        *,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        minimum, message = self.k_minimum
+        self.k = check_k(k, minimum=minimum, message=message)
+        init_io(self, in_key, out_key, eps, chunk_size)
+
+    def __repr__(self) -> str:
+        return format_repr(self, k=self.k, eps=self.eps)

@@ -6,18 +6,15 @@ import math
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
-from tensordict.utils import NestedKey
 
-from ..._checks import format_repr
 from ...errors import InsufficientSamplesError
-from ._common import AUTO, KSpec, auto_k, check_k, init_io, read_points
+from ._common import KnnEstimator, read_knn_points
 from ._knn import knn
 
 __all__ = ["LocalKnnDimensionEstimator"]
 
 
-class LocalKnnDimensionEstimator(TensorDictModuleBase):
+class LocalKnnDimensionEstimator(KnnEstimator):
     """Per-point dimension ``d(x) = ln 2 / ln(R_2k(x) / R_k(x))``.
 
     ``R_k`` and ``R_2k`` are the distances to the k-th and 2k-th nearest valid neighbours
@@ -49,27 +46,11 @@ class LocalKnnDimensionEstimator(TensorDictModuleBase):
         1
     """
 
-    def __init__(
-        self,
-        k: KSpec = AUTO,
-        in_key: NestedKey = "data",
-        out_key: NestedKey = "dimension",
-        eps: float = 1e-5,
-        *,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.k = check_k(k, minimum=2, message="k must be greater than 1")
-        init_io(self, in_key, out_key, eps, chunk_size)
-
-    def __repr__(self) -> str:
-        return format_repr(self, k=self.k, eps=self.eps)
+    k_minimum = (2, "k must be greater than 1")
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Estimate the per-point dimension of ``tensordict[in_key]`` and write it to ``out_key``."""
-        x, batch = read_points(tensordict, self.in_key, owner=type(self).__name__)
-        n = x.shape[-2]
-        k = auto_k(n) if self.k == AUTO else int(self.k)
+        x, batch, n, k = read_knn_points(self, tensordict)
         if n < 2 * k + 1:
             raise InsufficientSamplesError(
                 f"At least 2k+1 points required for local KNN (k={k}), got {n} at {self.in_key!r}; "

@@ -14,13 +14,12 @@ import enum
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-from ..._checks import check_number, format_repr
+from ..._checks import check_number, format_repr, parse_choice
 from ...errors import InsufficientSamplesError, InvalidParameterError
-from ._common import AUTO, KSpec, auto_k, check_k, init_io, read_points
+from ._common import AUTO, KnnEstimator, KSpec, read_knn_points
 from ._knn import BLOCK_ELEMENTS, knn
 
 __all__ = ["CaPcaDimensionEstimator", "LocalPcaDimensionEstimator", "PcaCriterion"]
@@ -36,14 +35,6 @@ class PcaCriterion(str, enum.Enum):
     """``argmax_i λ_i / (λ_{i+1} + 1e-15) + 1``: the position of the largest spectral gap."""
     RATIO = "ratio"
     """Number of eigenvalues above ``alpha · λ_1`` (at least 1)."""
-
-
-def _parse_criterion(value: PcaCriterion | str) -> PcaCriterion:
-    try:
-        return PcaCriterion(value)
-    except ValueError:
-        valid = [c.value for c in PcaCriterion]
-        raise InvalidParameterError(f"Unknown criterion: {value!r}; expected one of {valid}.") from None
 
 
 def _spectra(x: Tensor, idx: Tensor, *, include_self: bool) -> Tensor:
@@ -84,7 +75,7 @@ def _check_sizes(n: int, needed: int, what: str, k: int, key: NestedKey) -> None
         )
 
 
-class LocalPcaDimensionEstimator(TensorDictModuleBase):
+class LocalPcaDimensionEstimator(KnnEstimator):
     """Per-point dimension from the PCA spectrum of the point and its k nearest valid neighbours.
 
     Args:
@@ -123,9 +114,8 @@ class LocalPcaDimensionEstimator(TensorDictModuleBase):
         *,
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.k = check_k(k, minimum=1, message="k must be at least 1")
-        self.criterion = _parse_criterion(criterion)
+        super().__init__(k, in_key, out_key, eps, chunk_size=chunk_size)
+        self.criterion = parse_choice(PcaCriterion, criterion, name="criterion")
         self.alpha = check_number(
             alpha,
             name="alpha",
@@ -133,16 +123,13 @@ class LocalPcaDimensionEstimator(TensorDictModuleBase):
             maximum=1,
             hint="It is a fraction of the largest eigenvalue, e.g. 0.05.",
         )
-        init_io(self, in_key, out_key, eps, chunk_size)
 
     def __repr__(self) -> str:
         return format_repr(self, k=self.k, criterion=self.criterion.value, alpha=self.alpha, eps=self.eps)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Estimate the per-point dimension of ``tensordict[in_key]`` and write it to ``out_key``."""
-        x, batch = read_points(tensordict, self.in_key, owner=type(self).__name__)
-        n = x.shape[-2]
-        k = auto_k(n) if self.k == AUTO else int(self.k)
+        x, batch, n, k = read_knn_points(self, tensordict)
         _check_sizes(n, k + 1, "At least k+1 points required for local PCA", k, self.in_key)
         idx = knn(x, k, eps=self.eps, chunk_size=self.chunk_size).indices
         out = torch.empty(x.shape[0], n, dtype=torch.float64, device=x.device)
@@ -165,7 +152,7 @@ class LocalPcaDimensionEstimator(TensorDictModuleBase):
         raise InvalidParameterError(f"Unknown criterion: {self.criterion!r}")  # pragma: no cover
 
 
-class CaPcaDimensionEstimator(TensorDictModuleBase):
+class CaPcaDimensionEstimator(KnnEstimator):
     """Curvature-adjusted local PCA (CA-PCA, Gilbert & O'Neill, 2023), per point.
 
     The neighbourhood is the ``k + 1`` nearest valid neighbours (the point excluded); ``r`` is
@@ -192,27 +179,10 @@ class CaPcaDimensionEstimator(TensorDictModuleBase):
         InsufficientSamplesError: At call time, if ``N < k + 2``.
     """
 
-    def __init__(
-        self,
-        k: KSpec = AUTO,
-        in_key: NestedKey = "data",
-        out_key: NestedKey = "dimension",
-        eps: float = 1e-5,
-        *,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.k = check_k(k, minimum=1, message="k must be at least 1")
-        init_io(self, in_key, out_key, eps, chunk_size)
-
-    def __repr__(self) -> str:
-        return format_repr(self, k=self.k, eps=self.eps)
-
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Estimate the per-point dimension of ``tensordict[in_key]`` and write it to ``out_key``."""
-        x, batch = read_points(tensordict, self.in_key, owner=type(self).__name__)
-        n, dim = x.shape[-2], x.shape[-1]
-        k = auto_k(n) if self.k == AUTO else int(self.k)
+        x, batch, n, k = read_knn_points(self, tensordict)
+        dim = x.shape[-1]
         _check_sizes(n, k + 2, "At least k+2 points required for CA-PCA", k, self.in_key)
         result = knn(x, k + 1, eps=self.eps, chunk_size=self.chunk_size)
         out = torch.empty(x.shape[0], n, dtype=torch.float64, device=x.device)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..._checks import as_float, as_tensor, check_finite, check_positive_int
+from ..._checks import as_float, as_tensor, check_finite, check_positive_int, parse_choice
 from ..._distributed import all_reduce_sum, require_process_group
 from ...errors import IncompatibleInputsError, InvalidParameterError, NotFittedError
 
@@ -106,7 +106,7 @@ class StreamingLogisticRegression:
         self.lr = float(lr)
         self.epochs = check_positive_int(epochs, name="epochs")
         self.batch_size = check_positive_int(batch_size, name="batch_size")
-        self.optimizer = _parse_optimizer(optimizer)
+        self.optimizer = parse_choice(LogisticOptimizer, optimizer, name="optimizer")
         self.fit_intercept = fit_intercept
         self.random_state = random_state
         self._fitted: _Fitted | None = None
@@ -357,11 +357,3 @@ class StreamingLogisticRegression:
         if self._fitted is not None:
             self._fitted.optim = None
         return self
-
-
-def _parse_optimizer(value: LogisticOptimizer | str) -> LogisticOptimizer:
-    try:
-        return LogisticOptimizer(value)
-    except ValueError:
-        valid = [o.value for o in LogisticOptimizer]
-        raise InvalidParameterError(f"optimizer must be one of {valid}, got {value!r}.") from None

@@ -57,8 +57,10 @@ def _key_list(keys: Any) -> list[NestedKey] | None:
     return list(keys)
 
 
-def _check_data(module: Any, data: Any, keys: Sequence[NestedKey]) -> None:
-    """Refuse what would give a silently wrong metric: no rows, NaN/Inf in a perturbed input."""
+def _checked_keys(module: Any, data: Any, keys: Sequence[NestedKey] | None) -> list[NestedKey]:
+    """The input keys to perturb (``keys``, else ``module.in_keys``), after refusing what would give a
+    silently wrong metric: no rows, a missing input, NaN/Inf in a perturbed input."""
+    keys = _in_keys(module, keys)
     if not isinstance(data, TensorDictBase):
         raise InvalidInputError(f"Metrics need a TensorDict, got {type(data).__name__}.")
     if data.batch_size.numel() == 0:
@@ -80,6 +82,7 @@ def _check_data(module: Any, data: Any, keys: Sequence[NestedKey]) -> None:
             raise MetricError(
                 f"Input {key!r} holds NaN/Inf values; the metric would be NaN. Clean it (torch.nan_to_num)."
             )
+    return keys
 
 
 def _in_keys(module: Any, keys: Sequence[NestedKey] | None) -> list[NestedKey]:
@@ -157,8 +160,7 @@ class SensitivityMetric:
         self, module: Callable[[TensorDictBase], TensorDictBase], original_data: TensorDictBase
     ) -> TensorDictBase:
         """Return ``TensorDict({in_key: sensitivity[B]}, batch_size=B)``."""
-        keys = _in_keys(module, self.input_keys)
-        _check_data(module, original_data, keys)
+        keys = _checked_keys(module, original_data, self.input_keys)
         batch, n, s = original_data.batch_size, original_data.batch_size.numel(), self.n_perturb_samples
         base = module(original_data.clone(False))
         rep = _repeat(original_data.exclude(self.attr_key), s).clone(False)
@@ -243,8 +245,7 @@ class InfidelityMetric:
         self, module: Callable[[TensorDictBase], TensorDictBase], original_data: TensorDictBase
     ) -> TensorDictBase:
         """Return ``TensorDict({in_key: infidelity[B]}, batch_size=B)``."""
-        keys = _in_keys(module, self.input_keys)
-        _check_data(module, original_data, keys)
+        keys = _checked_keys(module, original_data, self.input_keys)
         batch, n, s = original_data.batch_size, original_data.batch_size.numel(), self.n_perturb_samples
         attributed = module(original_data.clone(False))
         model = getattr(module, "td_module", module)

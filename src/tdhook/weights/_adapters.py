@@ -21,11 +21,12 @@ from .._core.directions import HookDirection, HookSpec
 from .._core.extensions import Extension
 from .._core.factory import HookingContextFactory
 from .._core.hook_types import CachingHook, SettingHook
-from .._core.hooked import ROOT_NAME, HookedModule
+from .._core.hooked import HookedModule
 from .._core.lifecycle import HookingContextWithCache
 from .._core.paths import resolve_path
 from .._core.signatures import check_callback, declared_keywords
 from ..errors import ContextStateError, InvalidInputError, MissingKeyError, TdhookError, nearest
+from ._standalone import StandaloneHookedModule
 
 __all__ = ["AdapterError", "AdapterSet", "Adapters", "HookedModuleWithAdapters"]
 
@@ -92,7 +93,7 @@ class AdapterSet(Extension):
             yield name, self.modules[key]
 
 
-class HookedModuleWithAdapters(HookedModule):
+class HookedModuleWithAdapters(StandaloneHookedModule):
     """A hooked module with an :class:`AdapterSet`, for use without a context (tdhook 0.1 name).
 
     Inside ``with Adapters(...).prepare(model) as hooked:``, ``hooked`` is a plain
@@ -100,16 +101,7 @@ class HookedModuleWithAdapters(HookedModule):
     Adapters composes with every other method; the names below work on both.
     """
 
-    def __init__(
-        self,
-        td_module: Any,
-        hooking_context: Any = None,
-        relative_path: str = ROOT_NAME,
-        in_keys: Sequence[Any] | None = None,
-        out_keys: Sequence[Any] | None = None,
-    ) -> None:
-        super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
-        self.use_extension(AdapterSet)
+    extension_kind = AdapterSet
 
     def add_adapter(self, name: str, adapter: nn.Module) -> None:
         """Register ``adapter`` under ``name`` (see :meth:`AdapterSet.add_adapter`)."""

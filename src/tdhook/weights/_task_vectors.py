@@ -26,10 +26,11 @@ from torch import nn
 from .._core.directions import Installable
 from .._core.extensions import Extension
 from .._core.factory import HookingContextFactory
-from .._core.hooked import ROOT_NAME, HookedModule
+from .._core.hooked import HookedModule
 from .._core.lifecycle import HookingContext
 from ..errors import ContextStateError, InvalidInputError, TdhookError
 from ._edits import ParameterSnapshot, WeightSwap, named_tensors
+from ._standalone import StandaloneHookedModule
 
 __all__ = [
     "NoAdequateAlphaError",
@@ -243,7 +244,7 @@ class _OpenSwaps:
         self.tools._close_open_swaps()
 
 
-class TaskVectorsModule(HookedModule):
+class TaskVectorsModule(StandaloneHookedModule):
     """A hooked module with :class:`TaskVectorTools`, for use without a context (tdhook 0.1 name).
 
     Its weights are taken when it is built. Inside ``with TaskVectors(...).prepare(model) as
@@ -252,16 +253,10 @@ class TaskVectorsModule(HookedModule):
     names below work on both.
     """
 
-    def __init__(
-        self,
-        td_module: Any,
-        hooking_context: Any = None,
-        relative_path: str = ROOT_NAME,
-        in_keys: Sequence[Any] | None = None,
-        out_keys: Sequence[Any] | None = None,
-    ) -> None:
-        super().__init__(td_module, hooking_context, relative_path, in_keys, out_keys)
-        self.use_extension(TaskVectorTools).capture()
+    extension_kind = TaskVectorTools
+
+    def _attached(self, extension: Any) -> None:
+        extension.capture()
 
     @property
     def weights(self) -> TensorDict:

@@ -59,3 +59,31 @@ def test_prepare_and_enter_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyP
         line.split('Revealed type is "')[1].rstrip('"') for line in stdout.splitlines() if "Revealed" in line
     ]
     assert revealed == EXPECTED, stdout + stderr
+
+
+def test_every_latent_weights_and_transformers_method_declares_its_context_class() -> None:
+    """``class M(HookingContextFactory[Ctx])`` with ``Ctx`` the class it builds, so ``prepare()`` is typed."""
+    import importlib
+    import inspect
+    import typing
+
+    from tdhook._core.factory import HookingContextFactory
+
+    checked = []
+    for package in ("tdhook.latent", "tdhook.latent.probing", "tdhook.weights", "tdhook.transformers"):
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            cls = getattr(module, name)
+            if not (inspect.isclass(cls) and issubclass(cls, HookingContextFactory)):
+                continue
+            declared = [
+                typing.get_args(base)
+                for base in getattr(cls, "__orig_bases__", ())
+                if typing.get_origin(base) is HookingContextFactory
+            ]
+            assert declared, name
+            assert declared[0][0] is cls._hooking_context_class, (name, declared)
+            checked.append(name)
+    latent = {"SteeringVectors", "ActivationAddition", "ActivationPatching", "Probing", "Adapters"}
+    transformers = {"HeadPatching", "HeadAblation", "HeadCaching", "LogitLens", "AttributionPatching"}
+    assert latent | transformers <= set(checked)

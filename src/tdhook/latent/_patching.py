@@ -22,6 +22,7 @@ from .._core.directions import HookDirection, HookSpec
 from .._core.factory import HookingContextFactory
 from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.lifecycle import HookingContext
 from .._core.signatures import check_callback, check_keywords
 from ..errors import InterventionError, InterventionShapeError
 from ..targets import Target
@@ -34,7 +35,7 @@ __all__ = ["ActivationPatching", "InterventionError", "InterventionShapeError"]
 _CACHE_KEY = "_cache"
 
 
-class ActivationPatching(HookingContextFactory):
+class ActivationPatching(HookingContextFactory[HookingContext]):
     """Patch the activations of a clean run into a second (patched) run.
 
     One call runs the model twice:

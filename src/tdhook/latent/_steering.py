@@ -19,6 +19,7 @@ from .._core.directions import HookDirection, HookSpec
 from .._core.factory import HookingContextFactory
 from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.lifecycle import HookingContext
 from .._core.signatures import check_callback, check_keywords
 from ..errors import (
     InsufficientSamplesError,
@@ -93,7 +94,7 @@ class SteeringHook:
         return fit_replacement(new, output, self.module_key, "The steered output")
 
 
-class SteeringVectors(HookingContextFactory):
+class SteeringVectors(HookingContextFactory[HookingContext]):
     """Replace the output of each module in ``modules_to_steer`` by ``steer_fn(module_key, output)``.
 
     Thread rule: a context steers only the forwards of the thread that entered it.
@@ -187,7 +188,7 @@ class SteeringVectors(HookingContextFactory):
         ]
 
 
-class ActivationAddition(HookingContextFactory):
+class ActivationAddition(HookingContextFactory[HookingContext]):
     """Compute steering vectors: the mean activation difference between positive and negative inputs.
 
     One call runs the model on the inputs under ``positive_key`` (e.g. ``("positive", "input")``)

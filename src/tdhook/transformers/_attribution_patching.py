@@ -27,6 +27,7 @@ from .._core.directions import HookDirection, HookSpec
 from .._core.factory import HookingContextFactory
 from .._core.hooked import HookedModule
 from .._core.keys import check_keys
+from .._core.lifecycle import HookingContext
 from ..errors import InvalidInputError
 from ..latent.activation_patching import InterventionError, InterventionShapeError
 from ._heads import split_heads
@@ -86,7 +87,7 @@ class _RequireGrad:
         return None
 
 
-class AttributionPatching(HookingContextFactory):
+class AttributionPatching(HookingContextFactory[HookingContext]):
     """Attribution patching for every layer, position and head, in one call.
 
     One call runs the model on the TensorDict's inputs (the *clean* run, no gradient) and on

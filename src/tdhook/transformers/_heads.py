@@ -22,7 +22,7 @@ from .._core.factory import HookingContextFactory
 from .._core.hook_types import CachingHook
 from .._core.hooked import HookedModule
 from .._core.keys import check_keys
-from .._core.lifecycle import HookingContextWithCache
+from .._core.lifecycle import HookingContext, HookingContextWithCache
 from ..errors import InvalidInputError
 from ..latent.activation_patching import InterventionError, InterventionShapeError
 from ._spec import TransformerSpec, normalize_heads
@@ -61,7 +61,7 @@ class _SplitHeads:
         return split_heads(args[0], self.n_heads)
 
 
-class HeadCaching(HookingContextFactory):
+class HeadCaching(HookingContextFactory[HookingContextWithCache]):
     """Cache the per-head attention outputs ``z`` of some layers: ``cache["heads", str(layer)]``.
 
     Each entry has shape ``(batch, seq, n_heads, d_head)``, in the layer's attention before the
@@ -171,7 +171,7 @@ class _HeadPatchHook:
         return (new.flatten(-2), *args[1:])
 
 
-class HeadPatching(HookingContextFactory):
+class HeadPatching(HookingContextFactory[HookingContext]):
     """Patch single heads' outputs from a clean run into a second (patched) run.
 
     One call runs the model twice, as :class:`~tdhook.latent.ActivationPatching` does: the
@@ -262,7 +262,7 @@ class _HeadAblationHook:
         return (new.flatten(-2), *args[1:])
 
 
-class HeadAblation(HookingContextFactory):
+class HeadAblation(HookingContextFactory[HookingContext]):
     """Ablate single heads in every call inside the context (hook-only; ``generate`` included).
 
     Args:

@@ -78,7 +78,7 @@ class _LensHook:
         self.cache.set(self.key, logits)
 
 
-class LogitLens(HookingContextFactory):
+class LogitLens(HookingContextFactory[HookingContextWithCache]):
     """Logit lens on every call: ``cache["lens", str(layer)]`` = unembed(final_norm(resid after layer)).
 
     Hook-only, so it composes with any method and runs on every forward of the context,

@@ -84,7 +84,7 @@ def _naming_the_module(err: Exception, name: str, direction: HookDirection) -> E
     return err
 
 
-class Probing(HookingContextFactory):
+class Probing(HookingContextFactory[HookingContext]):
     """Fit and evaluate probes on the activations of every module matching ``key_pattern``.
 
     For each matching module and direction, ``probe_factory(name, direction)`` creates a probe

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from tensordict import NonTensorStack, TensorDict, TensorDictBase
@@ -177,6 +177,15 @@ def explain_input_error(
                     "or feed integer ids through an embedding layer."
                 )
     return None
+
+
+def raise_explained(hooked: HookedModule, inputs: Iterable[tuple[Any, Any]], error: Exception) -> NoReturn:
+    """Re-raise ``error`` of a failed call: as :func:`explain_input_error`'s clearer error when an input
+    explains it, else unchanged (a package error always unchanged)."""
+    clearer = None if isinstance(error, TdhookError) else explain_input_error(hooked, inputs, error)
+    if clearer is None:
+        raise error
+    raise clearer from error
 
 
 def _check_subset(keys: Any, available: Sequence[Any], name: str) -> list[Any]:

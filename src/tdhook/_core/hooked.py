@@ -22,11 +22,10 @@ from ..errors import (
     ContextStateError,
     ExtensionConflictError,
     InvalidInputError,
-    TdhookError,
     TdhookWarning,
 )
 from . import keys as _keys
-from .boundary import _check_dtype, _direct_call, _direct_module, _unhooked, explain_input_error, wrap_module
+from .boundary import _check_dtype, _direct_call, _direct_module, _unhooked, raise_explained, wrap_module
 from .cache import CacheProxy, check_cache
 from .directions import HookDirection, register
 from .extensions import Extension
@@ -228,13 +227,8 @@ class HookedModule(TensorDictModuleWrapper):
         if td is not None:
             try:
                 return chain(*args, **kwargs) if chain is not None else self._call_model(*args, **kwargs)
-            except TdhookError:
-                raise
             except Exception as error:  # a bad input (a string, integers) explains it more clearly
-                clearer = explain_input_error(self, self._inputs_of(td), error)
-                if clearer is None:
-                    raise
-                raise clearer from error
+                raise_explained(self, self._inputs_of(td), error)
         if ctx is not None and ctx.factory.needs_tensordict:
             raise InvalidInputError(
                 f"{type(ctx.factory).__name__} needs a TensorDict input, got "
@@ -248,13 +242,8 @@ class HookedModule(TensorDictModuleWrapper):
             if direct is not None and len(args) == 1 and not kwargs and _unhooked(direct[0]):
                 return _direct_call(direct[1], args[0], direct[0].out_keys[0])
             return self.td_module(*args, **kwargs)
-        except TdhookError:
-            raise
         except Exception as error:
-            clearer = explain_input_error(self, enumerate(args), error)
-            if clearer is None:
-                raise
-            raise clearer from error
+            raise_explained(self, enumerate(args), error)
 
     def _inputs_of(self, td: TensorDictBase) -> list[tuple[Any, Any]]:
         """``(in_key, value)`` for each model input present in ``td``."""
@@ -270,13 +259,8 @@ class HookedModule(TensorDictModuleWrapper):
             _check_dtype(self, key, value)
         try:
             return td_module(td, *args, **kwargs)
-        except TdhookError:
-            raise
         except Exception as error:  # the TensorDict the model saw (a method may have built it)
-            clearer = explain_input_error(self, self._inputs_of(td), error)
-            if clearer is None:
-                raise
-            raise clearer from error
+            raise_explained(self, self._inputs_of(td), error)
 
     # -- context delegation ---------------------------------------------------------------------
     def _require_context(self) -> HookingContext:

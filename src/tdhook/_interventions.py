@@ -1,11 +1,4 @@
-"""Optimised activation interventions: find the activation that makes the model do something.
-
-Each stage optimises one free tensor that replaces a :class:`~tdhook.targets.Target`'s selected
-entries (through a :class:`~tdhook.session.HookSession`), while every model parameter stays
-frozen. Stages run in order, each with the optimised values of the earlier ones applied. The
-model leaves exactly as it came: parameters, ``requires_grad`` flags, gradients, buffers,
-training flags and the RNG state are restored, also when an objective raises.
-"""
+"""The implementation of :mod:`tdhook.interventions` (described there)."""
 
 from __future__ import annotations
 
@@ -14,7 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -22,13 +15,14 @@ from torch import nn
 from ._core.directions import HookDirection
 from ._session import HookSession
 from ._targets import Target, TargetKind
-from .errors import InvalidDirectionError, InvalidInputError, TargetError
+from .errors import InvalidDirectionError, InvalidInputError, InvalidParameterError, TargetError
 
 __all__ = [
     "EarlyStoppingConfig",
     "InterventionObjective",
     "InterventionSpec",
     "InterventionStage",
+    "InterventionStatus",
     "OptimizedInterventionResult",
     "OptimizerConfig",
     "optimize_intervention",
@@ -40,8 +34,9 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
+#: How a stage ended (``InterventionStage.status``).
+InterventionStatus = Literal["converged", "stalled", "budget_exhausted", "non_finite"]
 _DIRECTIONS = (HookDirection.FWD, HookDirection.FWD_PRE, HookDirection.FWD_PRE_KWARGS)
-_STATUSES = ("converged", "stalled", "budget_exhausted", "non_finite")
 
 
 @dataclass(frozen=True)
@@ -60,9 +55,14 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in _OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.name!r}; expected one of {sorted(_OPTIMIZERS)}.")
+            raise InvalidParameterError(
+                f"Unknown optimizer {self.name!r}; expected one of {sorted(_OPTIMIZERS)}, "
+                "e.g. OptimizerConfig('adam', learning_rate=0.05)."
+            )
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
+            raise InvalidParameterError(
+                f"learning_rate must be a number > 0, got {self.learning_rate!r}; e.g. learning_rate=0.05."
+            )
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,15 @@ class EarlyStoppingConfig:
 
     def __post_init__(self) -> None:
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"patience must be a positive int or None, got {self.patience!r}.")
-        if self.min_delta < 0:
-            raise ValueError(f"min_delta must be non-negative, got {self.min_delta!r}.")
+            raise InvalidParameterError(
+                f"patience must be a positive int (evaluations without improvement) or None (never stall), "
+                f"got {self.patience!r}; e.g. patience=10."
+            )
+        if not self.min_delta >= 0:
+            raise InvalidParameterError(
+                f"min_delta must be a number >= 0 (the smallest loss decrease that counts as an improvement), "
+                f"got {self.min_delta!r}; e.g. min_delta=0.0."
+            )
 
 
 @dataclass(frozen=True)
@@ -133,10 +139,14 @@ class InterventionSpec:
                 f"objective must be callable as objective(output, value), got {self.objective!r}."
             )
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}.")
-        if self.preservation_regularizer < 0:
-            raise ValueError(
-                f"preservation_regularizer must be non-negative, got {self.preservation_regularizer!r}."
+            raise InvalidParameterError(
+                f"max_steps must be a positive int (the most optimisation passes), got {self.max_steps!r}; "
+                "e.g. max_steps=100."
+            )
+        if not self.preservation_regularizer >= 0:
+            raise InvalidParameterError(
+                f"preservation_regularizer must be a number >= 0 (the weight of mean((value - initial) ** 2)), "
+                f"got {self.preservation_regularizer!r}; use 0.0 to switch it off."
             )
         if HookDirection.parse(self.direction) not in _DIRECTIONS:
             raise InvalidDirectionError(
@@ -167,7 +177,7 @@ class InterventionStage:
 
     target: Target
     objective_name: str
-    status: str
+    status: InterventionStatus
     steps: int
     history: tuple[Mapping[str, float], ...]
     initial_value: torch.Tensor
@@ -316,7 +326,10 @@ def optimize_interventions(
             "specs must be a sequence of InterventionSpec; use optimize_intervention for one."
         )
     if not specs:
-        raise ValueError("optimize_interventions needs at least one InterventionSpec.")
+        raise InvalidParameterError(
+            "optimize_interventions got no InterventionSpec (an empty sequence); pass at least one, "
+            "e.g. optimize_interventions(model, x, [InterventionSpec(target, objective)])."
+        )
     args = model_args if isinstance(model_args, tuple) else (model_args,)
     kwargs = dict(model_kwargs or {})
     for spec in specs:
@@ -436,7 +449,7 @@ def _optimise(
     history: list[dict[str, float]] = []
     best_loss, best_value = math.inf, initial.clone()
     since_best = 0
-    status = "budget_exhausted"
+    status: InterventionStatus = "budget_exhausted"
     with torch.enable_grad(), HookSession(model) as session:
         _apply(session, applied)
         session.replace(spec.target, value, direction=spec.direction)

@@ -20,7 +20,7 @@ from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 from ._core.boundary import compiled_reason
-from ._core.claims import check_no_foreign_exclusive
+from ._core.claims import _claim_model, _release_model
 from ._core.directions import HandleGroup, HookDirection, register
 from ._core.forward_state import ForwardState
 from ._session_hooks import (
@@ -147,8 +147,11 @@ class HookSession:
         model = self.model
         if compiled_reason(model) is not None:
             check_compiled(model, "")  # raises, naming the fix
-        check_no_foreign_exclusive(model)
-        self._passes = _Passes(ForwardState(), threading.get_ident(), id(self))
+        thread = threading.get_ident()
+        # a claim like a context's: refused while another thread holds backward hooks on the model,
+        # and such a context cannot start in another thread while this session is open
+        _claim_model(self, model, thread, exclusive=False)
+        self._passes = _Passes(ForwardState(), thread, id(self))
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -167,6 +170,7 @@ class HookSession:
             finally:
                 if passes is not None:
                     passes.active = False
+                    _release_model(self, self._model_ref())
                 self._passes = self._start_handle = self._end_handle = None
                 self._entries, self._captures = [], []
                 self._inplace_guarded = self._has_gradient = self._has_stop = False

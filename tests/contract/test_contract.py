@@ -153,6 +153,70 @@ def test_every_exported_method_has_a_contract_case() -> None:
     assert not missing, f"methods without a contract case in tests/contract/cases_*.py: {missing}"
 
 
+# --------------------------------------------------------------------------------------------
+# HookSession (no prepare(): its own lifecycle, held to the same contract)
+# --------------------------------------------------------------------------------------------
+
+
+class _SessionModel(nn.Module):
+    """A reused cell, an in-place ReLU and a tuple-returning block: every kind of session hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for _ in range(2):
+            h = self.act(self.cell(h))
+        return self.head(h)
+
+
+def _session_ops(s: Any) -> None:
+    from tdhook.targets import Target
+
+    source = s.capture(Target("cell", occurrences=(0,)))
+    s.capture("cell", detach=False)
+    s.capture(Target("cell", output_path=(0, 0)), direction="fwd_pre_kwargs")
+    s.capture(Target("head", "gradient"))
+    s.capture(Target("cell", "gradient"), direction="bwd")
+    s.replace(Target("cell", indices=(1,), occurrences=(1,)), source, transform=lambda v: v[:, 1:2] * 2)
+    s.replace(Target("head", "parameter", parameter="bias"), 5.0)
+    s.capture(Target("head", "parameter", parameter="weight"))
+
+
+@pytest.mark.parametrize("raise_inside", [False, True], ids=["exit", "exception"])
+def test_hook_session_restores_the_model(raise_inside: bool) -> None:
+    from tdhook.session import HookSession
+
+    model = _SessionModel()
+    model(torch.randn(3, 4)).sum().backward()  # gradients present before the session
+    before = snapshot(model)
+    session = HookSession(model)
+    try:
+        with session as s:
+            _session_ops(s)
+            x = torch.randn(3, 4, requires_grad=True)
+            torch.autograd.grad(model(x).sum(), x)  # a backward that leaves the parameters' .grad alone
+            if raise_inside:
+                raise _Boom
+    except _Boom:
+        pass
+    assert_same(before, snapshot(model))
+    with pytest.raises(RuntimeError, match="must be called inside"):
+        session.capture("cell")
+    with session as s:  # re-entry after exit, from a clean program
+        with pytest.raises(RuntimeError, match="Cannot enter a HookSession twice"):
+            session.__enter__()
+        stop = s.stop("cell")
+        assert s.run(torch.randn(3, 4)) is None
+        assert stop.reached
+    assert_same(before, snapshot(model))
+
+
 def test_version_is_the_declared_one() -> None:
     import tomllib
 

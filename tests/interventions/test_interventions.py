@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tdhook.errors import InvalidDirectionError, ModulePathError, TargetError
+from tdhook.errors import InvalidDirectionError, InvalidParameterError, ModulePathError, TargetError
 from tdhook.interventions import (
     EarlyStoppingConfig,
     InterventionObjective,
@@ -189,14 +189,8 @@ def test_bad_specs_are_refused_before_the_model_runs() -> None:
     x = torch.randn(1, 3)
     with pytest.raises(TargetError, match="optimises an activation Target"):
         InterventionSpec(Target("0", "gradient"), lambda o, v: o.sum())
-    with pytest.raises(ValueError, match="Unknown optimizer 'lbfgs'"):
-        OptimizerConfig("lbfgs")
-    with pytest.raises(ValueError, match="max_steps must be a positive int"):
-        InterventionSpec(Target("0"), lambda o, v: o.sum(), max_steps=0)
     with pytest.raises(InvalidDirectionError, match="replaces a forward value"):
         InterventionSpec(Target("0"), lambda o, v: o.sum(), direction="bwd")
-    with pytest.raises(ValueError, match="patience must be a positive int"):
-        EarlyStoppingConfig(patience=0)
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(ModulePathError, match="Nearest existing module names"):
@@ -208,6 +202,46 @@ def test_bad_specs_are_refused_before_the_model_runs() -> None:
         optimize_intervention(
             model, x, InterventionSpec(Target("0"), lambda o, v: o.sum(), initial_value=torch.zeros(3))
         )
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: OptimizerConfig("lbfgs"),
+            r"Unknown optimizer 'lbfgs'; expected one of \['adam', 'adamw', 'sgd'\]",
+        ),
+        (
+            lambda: OptimizerConfig(learning_rate=0.0),
+            r"learning_rate must be a number > 0, got 0.0; e.g. learning_rate",
+        ),
+        (
+            lambda: EarlyStoppingConfig(patience=0),
+            r"patience must be a positive int .* got 0; e.g. patience=10",
+        ),
+        (
+            lambda: EarlyStoppingConfig(min_delta=-1.0),
+            r"min_delta must be a number >= 0 .* got -1.0; e.g. min_delta",
+        ),
+        (lambda: EarlyStoppingConfig(min_delta=float("nan")), r"min_delta must be a number >= 0 .* got nan"),
+        (
+            lambda: InterventionSpec(Target("0"), lambda o, v: o.sum(), max_steps=0),
+            r"max_steps must be a positive int .* got 0; e.g. max_steps=100",
+        ),
+        (
+            lambda: InterventionSpec(Target("0"), lambda o, v: o.sum(), preservation_regularizer=-0.5),
+            r"preservation_regularizer must be a number >= 0 .* got -0.5; use 0.0 to switch it off",
+        ),
+        (
+            lambda: optimize_interventions(linear_model(), torch.randn(1, 3), []),
+            r"optimize_interventions got no InterventionSpec \(an empty sequence\); pass at least one",
+        ),
+    ],
+)
+def test_bad_settings_raise_a_package_error_naming_value_and_fix(build, message) -> None:
+    with pytest.raises(InvalidParameterError, match=message) as info:
+        build()
+    assert isinstance(info.value, ValueError)  # 0.2's ``except ValueError`` still works
 
 
 def test_a_module_called_twice_needs_occurrences() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tensordict.nn import TensorDictModule
 from torch import nn
@@ -86,31 +86,38 @@ def _model_id(root: nn.Module) -> int:
     return id(root.module) if type(root) is TensorDictModule else id(root)
 
 
-def _claim_model(context: HookingContext, root: nn.Module, thread: int, exclusive: bool) -> None:
+def _owner_name(owner: Any) -> str:
+    """Who holds a claim: a context's method (``ActivationCaching``), or the claimant itself (``HookSession``)."""
+    factory = getattr(owner, "factory", None)
+    return type(owner if factory is None else factory).__name__
+
+
+def _claim_model(context: HookingContext | Any, root: nn.Module, thread: int, exclusive: bool) -> None:
     with _LOCK:
         entries = _ACTIVE.setdefault(_model_id(root), [])
         for other, other_thread, other_exclusive in entries:
             if other_thread != thread and (exclusive or other_exclusive):
                 editing = context if exclusive else other
                 raise ConcurrencyError(
-                    f"{type(root).__name__} already has an active {type(other.factory).__name__} context "
-                    f"from another thread ({other_thread}), and {type(editing.factory).__name__} uses backward "
+                    f"{type(root).__name__} already has an active {_owner_name(other)} context "
+                    f"from another thread ({other_thread}), and {_owner_name(editing)} uses backward "
                     "hooks, which autograd may run in any thread. Use one model copy "
                     "per thread (copy.deepcopy(model)), or run the two contexts one after the other."
                 )
         entries.append((context, thread, exclusive))
 
 
-def _release_model(context: HookingContext, root: nn.Module | None) -> None:
-    if root is None:
-        return
+def _release_model(context: HookingContext | Any, root: nn.Module | None) -> None:
+    """Drop ``context``'s claim on ``root``; with ``root=None`` (e.g. a model already collected), on any model."""
     with _LOCK:
-        entries = _ACTIVE.get(_model_id(root))
-        if entries is None:
-            return
-        entries[:] = [e for e in entries if e[0] is not context]
-        if not entries:
-            del _ACTIVE[_model_id(root)]
+        keys = list(_ACTIVE) if root is None else [_model_id(root)]
+        for key in keys:
+            entries = _ACTIVE.get(key)
+            if entries is None:
+                continue
+            entries[:] = [e for e in entries if e[0] is not context]
+            if not entries:
+                del _ACTIVE[key]
 
 
 def check_no_foreign_exclusive(root: nn.Module) -> None:
@@ -123,7 +130,7 @@ def check_no_foreign_exclusive(root: nn.Module) -> None:
     for other, other_thread, exclusive in entries:
         if exclusive and other_thread != thread:
             raise ConcurrencyError(
-                f"{type(root).__name__} has backward hooks of a {type(other.factory).__name__} context of another "
+                f"{type(root).__name__} has backward hooks of a {_owner_name(other)} context of another "
                 f"thread ({other_thread}); a run now could trigger them. Wait for that context to exit, or use "
                 "one model copy per thread."
             )

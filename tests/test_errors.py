@@ -33,12 +33,12 @@ from tdhook.weights.pruning import PruningSpecError
 
 SRC = pathlib.Path(tdhook.__file__).parent
 
-#: Modules that still hold bare raises (``_interventions.py``: not converted yet); everything else,
-#: attribution and sessions included, must hold none.
+#: Modules that may hold bare raises; everything else, attribution, sessions and interventions
+#: included, must hold none.
 #: ``_core/boundary.py``'s direct tensor call raises TensorDictModule's own RuntimeErrors, on
 #: purpose: the shortcut must be indistinguishable from the call it replaces
 #: (``tests/core/test_lowlevel.py::test_tensor_call_shortcut_matches_tensordict_module``).
-OTHERS = ("_core/boundary.py", "_interventions.py")
+OTHERS = ("_core/boundary.py",)
 
 
 def _model() -> nn.Module:

@@ -119,8 +119,12 @@ def test_zero_ablation_equals_zeroed_projection_weights(build) -> None:
     assert not torch.allclose(ablated, plain)
 
 
-def test_mean_ablation_matches_a_manual_pre_hook() -> None:
-    model, x = gpt2(), ids(batch=4)
+@pytest.mark.parametrize(
+    ("build", "projection"),
+    [(gpt2, "transformer.h.0.attn.c_proj"), (llama, "model.layers.0.self_attn.o_proj")],
+)
+def test_mean_ablation_matches_a_manual_pre_hook(build, projection: str) -> None:
+    model, x = build(), ids(batch=4)
     with torch.no_grad(), HeadAblation([(0, 1), (0, 3)], mode="mean").prepare(model, **HF) as hooked:
         ablated = hooked(TensorDict(input_ids=x, batch_size=[4]))["logits"]
 
@@ -129,11 +133,14 @@ def test_mean_ablation_matches_a_manual_pre_hook() -> None:
         z[:, :, [1, 3]] = z[:, :, [1, 3]].mean(0, keepdim=True)
         return (z.view(4, 6, 32),)
 
-    handle = model.transformer.h[0].attn.c_proj.register_forward_pre_hook(manual)
+    handle = model.get_submodule(projection).register_forward_pre_hook(manual)
     with torch.no_grad():
         expected = model(x).logits
     handle.remove()
+    with torch.no_grad():
+        plain = model(x).logits
     torch.testing.assert_close(ablated, expected, rtol=0, atol=0)
+    assert not torch.allclose(ablated, plain)
 
 
 @pytest.mark.parametrize("build", [gpt2, llama])

@@ -202,20 +202,7 @@ class HookedModuleRun:
         direction = HookDirection.parse(direction)
         if self._cache is None:
             cache_key = cache_key or f"{key}_{direction.value_type}"
-            return self._store_hook(key, cache_key, callback, direction, prepend, relative)
-        handle, proxy = self._module._get(
-            self._cache,
-            key,
-            cache_key,
-            callback,
-            direction,
-            prepend,
-            relative,
-            self._forward_state(),
-            self._thread,
-        )
-        self._handles.append(handle)
-        return proxy
+        return self._cache_into(self._cache, key, cache_key, callback, direction, prepend, relative)
 
     def save(
         self,
@@ -232,6 +219,19 @@ class HookedModuleRun:
         direction = HookDirection.parse(direction)
         cache = self._outer_cache if self._outer_cache is not None else self._cache
         cache_key = cache_key or f"{self._name}{self._sep}{key}_{direction.value_type}"
+        return self._cache_into(cache, key, cache_key, callback, direction, prepend, relative)
+
+    def _cache_into(
+        self,
+        cache: TensorDictBase | None,
+        key: str,
+        cache_key: Any,
+        callback: Callable[..., Any] | None,
+        direction: HookDirection,
+        prepend: bool,
+        relative: bool,
+    ) -> CacheProxy:
+        """Hook ``key`` to write into ``cache`` (the run's own dict when ``None``); what get/save share."""
         if cache is None:
             return self._store_hook(key, cache_key, callback, direction, prepend, relative)
         handle, proxy = self._module._get(

@@ -20,7 +20,7 @@ from ._engine import GradientAttribution
 from ._errors import AttributionError
 from ._gradient import Saliency
 from ._options import noise_stdevs, positive_int
-from ._targets import check_finite, check_per_sample_targets
+from ._targets import check_finite, check_per_sample_targets, write_unflattened
 
 __all__ = ["SmoothGrad", "VarGrad"]
 
@@ -111,14 +111,7 @@ class _NoiseTunnel(HookingContextFactory):
             work.set(key, flat.get(key))
         with torch.no_grad():
             plain = call_next(work, **kwargs)
-        for key in hooked.out_keys:
-            value = plain.get(key)
-            td.set(
-                key,
-                value.reshape(batch)
-                if isinstance(value, TensorDictBase)
-                else value.reshape(torch.Size((*batch, *value.shape[1:]))),
-            )
+        write_unflattened(td, plain, hooked.out_keys, batch)
         for key, value in total.items():
             mean = value / s
             result = total_sq[key] / s - mean * mean if self._variance else mean

@@ -21,7 +21,7 @@ from typing_extensions import Unpack
 from ..core import HookedModule, HookingContextFactory, check_keys
 from ._errors import KEYS, AttributionError, BaselineError, TargetError
 from ._options import AttrCallback, TargetsArg, parse_targets, positive_int
-from ._targets import check_finite, check_per_sample_targets, key_str
+from ._targets import check_finite, check_per_sample_targets, key_str, write_unflattened
 
 __all__ = ["FeatureAblation", "Occlusion", "PerturbationSettings"]
 
@@ -179,14 +179,7 @@ class _Perturbation(HookingContextFactory):
             work.set(key, value)
         with torch.no_grad():
             out = call_next(work, **kwargs)
-            for key in hooked.out_keys:
-                value = out.get(key)
-                td.set(
-                    key,
-                    value.reshape(batch)
-                    if isinstance(value, TensorDictBase)
-                    else value.reshape(torch.Size((*batch, *value.shape[1:]))),
-                )
+            write_unflattened(td, out, hooked.out_keys, batch)
             f_x = self._target_rows(hooked, out, additional, index)  # (N, K)
             for key in hooked.in_keys:
                 x = inputs[key]

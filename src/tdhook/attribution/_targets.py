@@ -145,6 +145,20 @@ def leaves(name: Any, value: Any) -> Iterable[tuple[Any, torch.Tensor]]:
         yield name, value
 
 
+def write_unflattened(
+    td: TensorDictBase, out: TensorDictBase, keys: Iterable[Any], batch: torch.Size
+) -> None:
+    """Write ``out``'s entries at ``keys`` into ``td``, their flat leading dim reshaped to ``batch``."""
+    for key in keys:
+        value = out.get(key)
+        td.set(
+            key,
+            value.reshape(batch)
+            if isinstance(value, TensorDictBase)
+            else value.reshape(torch.Size((*batch, *value.shape[1:]))),
+        )
+
+
 def empty_additional(additional: TensorDictBase | None, batch: Sequence[int]) -> TensorDictBase:
     """``additional``, or an empty TensorDict of batch ``batch`` for the callbacks."""
     return additional if additional is not None else TensorDict(batch_size=batch)

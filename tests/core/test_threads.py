@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,26 @@ from tdhook.latent import ActivationCaching, ActivationPatching, SteeringVectors
 from tdhook.modules import HookedModule
 
 TIMEOUT = 20
+
+
+@contextlib.contextmanager
+def held_in_another_thread(context: Callable[[], Any]) -> Iterator[None]:
+    """Enter ``context()`` in a second thread and keep it active for the ``with`` body."""
+    entered, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with context():
+            entered.set()
+            release.wait(TIMEOUT)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert entered.wait(TIMEOUT)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join(TIMEOUT)
 
 
 def _model() -> nn.Sequential:
@@ -124,17 +145,7 @@ def test_shared_caching_and_patching_instances_keep_threads_apart() -> None:
 def test_stateful_instance_refuses_a_second_thread() -> None:
     model = _model()
     saliency = Saliency()
-    entered, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with saliency.prepare(model):
-            entered.set()
-            release.wait(TIMEOUT)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    assert entered.wait(TIMEOUT)
-    try:
+    with held_in_another_thread(lambda: saliency.prepare(model)):
         with pytest.raises(
             ConcurrencyError, match=r"Saliency instance is already active.*one Saliency\(...\) per"
         ):
@@ -142,9 +153,6 @@ def test_stateful_instance_refuses_a_second_thread() -> None:
         with Saliency().prepare(model) as hooked:  # a second instance is fine
             td = hooked(TensorDict(input=torch.randn(2, 4), batch_size=[2]))
         assert ("attr", "input") in td.keys(include_nested=True)
-    finally:
-        release.set()
-        thread.join(TIMEOUT)
     with saliency.prepare(model):  # free again once the other thread left
         pass
 
@@ -152,26 +160,13 @@ def test_stateful_instance_refuses_a_second_thread() -> None:
 def test_backward_hook_context_is_exclusive() -> None:
     """Backward hooks run in autograd's threads: such a context cannot share the model."""
     model = _model()
-    entered, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
-        with grads.prepare(model):
-            entered.set()
-            release.wait(TIMEOUT)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    assert entered.wait(TIMEOUT)
-    try:
+    grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
+    with held_in_another_thread(lambda: grads.prepare(model)):
         with pytest.raises(ConcurrencyError, match=r"uses backward hooks.*copy.deepcopy"):
             ActivationCaching("0").prepare(model).__enter__()
         edited = pytest.raises(ConcurrencyError, match="ActivationCaching context of another thread")
         with edited, HookedModule.from_module(model).run(torch.randn(2, 4)) as run:
             run.get("[0]")
-    finally:
-        release.set()
-        thread.join(TIMEOUT)
     assert _no_hooks(model)
     with ActivationCaching("0").prepare(model):  # the model is free again
         pass

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from core.test_threads import held_in_another_thread  # tests/ is on sys.path (rootdir import)
 from torch import nn
 
 from tdhook.errors import CompiledModelError, ConcurrencyError
@@ -118,25 +119,14 @@ def test_the_sessions_methods_refuse_another_thread() -> None:
 
 def test_a_session_and_backward_hook_contexts_of_other_threads_exclude_each_other() -> None:
     model = _model()
-    entered, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
-        with grads.prepare(model):
-            entered.set()
-            release.wait(TIMEOUT)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    assert entered.wait(TIMEOUT)
-    try:
-        with pytest.raises(
+    grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
+    with (
+        held_in_another_thread(lambda: grads.prepare(model)),
+        pytest.raises(
             ConcurrencyError, match=r"ActivationCaching context from another thread.*copy.deepcopy"
-        ):
-            HookSession(model).__enter__()
-    finally:
-        release.set()
-        thread.join(TIMEOUT)
+        ),
+    ):
+        HookSession(model).__enter__()
     with HookSession(model):  # a session open in this thread: backward hooks elsewhere are refused
         grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
         with pytest.raises(ConcurrencyError, match="active HookSession context from another thread"):

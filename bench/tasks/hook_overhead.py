@@ -104,6 +104,7 @@ class Raw(Impl):
     def setup(self, params):
         self.model, self.x, self.names = _build(params)
         self.modules = [self.model.get_submodule(n) for n in self.names]
+        self.forward = functools.partial(self.model, self.x)
         self.store: dict[str, Any] = {}
 
     @_inference
@@ -114,7 +115,7 @@ class Raw(Impl):
             for n, m in zip(self.names, self.modules)
         ]
         try:
-            self.model(self.x)
+            self.forward()
         finally:
             for h in handles:
                 h.remove()

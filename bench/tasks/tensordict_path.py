@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .._harness import Case, Impl, Task
-from .hook_overhead import DEPTH, WIDTH, _build, _inference, _store
+from .hook_overhead import DEPTH, WIDTH, _build, _inference
+from .hook_overhead import Raw as _Raw
 
 
 def _setup(params: Any) -> tuple[torch.nn.Module, Any, list[str], Any]:
@@ -82,34 +83,16 @@ class Session(Impl):
         return {name: c.values[0] for name, c in zip(self.names, self.captured)}
 
 
-class Raw(Impl):
+class Raw(_Raw):
     """``register_forward_hook`` per save, ``TensorDictModule(td)``, ``remove()``."""
 
-    name = "raw"
     label = "TensorDictModule + raw hooks"
-    inner = 20
 
     def setup(self, params):
         model, self.td, self.names, self.td_module = _setup(params)
         self.modules = [model.get_submodule(n) for n in self.names]
+        self.forward = functools.partial(self.td_module, self.td)
         self.store: dict[str, Any] = {}
-
-    @_inference
-    def run(self):
-        store: dict[str, Any] = {}
-        handles = [
-            m.register_forward_hook(functools.partial(_store, store, n))
-            for n, m in zip(self.names, self.modules)
-        ]
-        try:
-            self.td_module(self.td)
-        finally:
-            for h in handles:
-                h.remove()
-        self.store = store
-
-    def output(self):
-        return dict(self.store)
 
 
 class Plain(Impl):

@@ -390,7 +390,7 @@ class HookSession:
         else:
             self._end_handle.remove()
         passes.ends = True
-        self._end_handle = model.register_forward_hook(passes.end, always_call=True)
+        self._end_handle = register(model, passes.end, _FWD, always_call=True)
 
     def _guard_inplace(self, passes: _Passes) -> None:
         """For values kept without a copy: copy them just before an in-place module modifies them."""

@@ -107,7 +107,8 @@ class CapturedTarget:
 
     def _record(self, value: torch.Tensor, call: int | None, pass_id: int) -> None:
         if self.detach:
-            value = value.detach()
+            if value.requires_grad:  # only a tensor that requires grad carries a graph (detach costs ~1 µs)
+                value = value.detach()
             if self.target.indices is None:  # index_select already copied a sub-selection
                 value = value.clone()
         self.values.append(value)

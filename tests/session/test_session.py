@@ -583,3 +583,19 @@ def test_bad_inputs_are_refused_before_touching_the_model() -> None:
             s.replace("2", foreign)
         assert [e.operation for e in s.program] == []
         assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_detached_capture_is_an_independent_copy_with_and_without_grad(grad: bool) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with torch.set_grad_enabled(grad), HookSession(model) as s:
+        last = s.capture("1")
+        out = model(x)
+    kept = last.values[0]
+    assert not kept.requires_grad
+    assert kept.grad_fn is None
+    assert kept.data_ptr() != out.data_ptr()
+    expected = out.detach().clone()
+    out.detach().add_(1.0)  # the caller modifies the model's output afterwards
+    assert torch.equal(kept, expected)

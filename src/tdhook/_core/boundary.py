@@ -4,7 +4,9 @@
 :func:`_check_dtype` refuses a floating input whose dtype differs from the model's;
 :func:`explain_input_error` turns a call that failed on a non-tensor input, or on integers fed to
 a floating-point model, into a clear error; the direct tensor call skips ``TensorDictModule``'s
-packing when nothing hooks the wrapper.
+packing when nothing hooks the wrapper, and the direct TensorDict call
+(:func:`td_direct_module`, :func:`write_outputs`) skips ``TensorDictModule``'s call machinery
+when all it would do is read the in-keys, run the module and write the out-keys.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
-from tensordict import NonTensorStack, TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictModuleBase
+from tensordict import NonTensorStack, TensorDict, TensorDictBase, unravel_key_list
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, skip_existing
 from tensordict.utils import is_non_tensor
 from torch import nn
 from torch.nn.modules import module as _torch_module
@@ -256,3 +258,64 @@ def _direct_call(module: nn.Module, x: Any, out_key: Any) -> Any:
             raise RuntimeError("There are more out_keys than tensors.")
         out = out[0]
     return TensorDict.from_any(out)
+
+
+def td_direct_module(td_module: TensorDictModuleBase) -> nn.Module | None:
+    """The inner module, when ``td_module(td)`` only reads the in-keys, runs it and writes the out-keys.
+
+    That is a plain ``TensorDictModule`` (not a subclass: probabilistic modules sample, for
+    instance) with positional in-keys, no ``method``/``method_kwargs``/``get_kwargs``, writing in
+    place into the input, with no hook on the ``TensorDictModule`` itself (``select_out_keys``
+    installs one) and ``skip_existing`` off. Its call then costs ~30 µs of dispatching, key
+    unravelling and mode switching on a CPU; :meth:`HookedModule._call_model` calls the inner
+    module on the values it already read and :func:`write_outputs` writes what the
+    ``TensorDictModule`` would. Checked at every call (attributes can be changed between calls);
+    anything else takes the ``TensorDictModule``'s own call.
+    """
+    if (
+        type(td_module) is not TensorDictModule
+        or td_module._kwargs is not None
+        or td_module.method is not None
+        or td_module.method_kwargs
+        or td_module._get_kwargs
+        or td_module.inplace is not True
+        or not _unhooked(td_module)
+        or skip_existing()
+    ):
+        return None
+    if td_module.out_keys_source != td_module.out_keys:
+        return None
+    return td_module.module
+
+
+def write_outputs(td: TensorDictBase, out_keys: Sequence[Any], out: Any) -> TensorDictBase:
+    """Write a module's output into ``td`` under ``out_keys`` as ``TensorDictModule`` does.
+
+    ``None`` is no output; a mapping (or TensorDict) holding every out-key gives those entries in
+    out-key order; a tuple gives one value per out-key; anything else is one value. ``"_"``
+    out-keys are skipped; non-tensor values go through ``TensorDict.from_any``.
+
+    Raises:
+        RuntimeError: With ``TensorDictModule``'s messages, if the counts of values and out-keys differ.
+    """
+    if isinstance(out, torch.Tensor) and len(out_keys) == 1 and out_keys[0] != "_":
+        td.set(out_keys[0], out)  # the common case
+        return td
+    if out is None:
+        out = ()
+    if isinstance(out, (dict, TensorDictBase)) and all(key in out for key in out_keys):
+        if isinstance(out, dict):
+            out = dict(zip(unravel_key_list(list(out.keys())), out.values()))
+        out = tuple(out.get(key) for key in out_keys)
+    if not isinstance(out, tuple):
+        out = (out,)
+    if len(out) > len(out_keys):
+        raise RuntimeError(
+            f"There are more tensors (len(tensors)={len(out)}) than out_keys (out_keys={out_keys})."
+        )
+    if len(out_keys) > len(out):
+        raise RuntimeError("There are more out_keys than tensors.")
+    for key, value in zip(out_keys, out):
+        if key != "_":
+            td.set(key, value if isinstance(value, torch.Tensor) else TensorDict.from_any(value))
+    return td

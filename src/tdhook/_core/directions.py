@@ -7,6 +7,7 @@ reverse order, idempotently. :class:`HookDirection` is the one table of hook poi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -98,15 +99,58 @@ _TYPE = {
 }
 
 
+_MODULE_FORWARD_HOOK = nn.Module.register_forward_hook
+_MODULE_FORWARD_PRE_HOOK = nn.Module.register_forward_pre_hook
+
+
+def _add_hook(hooks: Any, hook: Callable[..., Any], prepend: bool) -> RemovableHandle:
+    """What ``nn.Module.register_forward(_pre)_hook`` does without keyword hooks, for a fifth of its cost.
+
+    torch's registration and removal cost ~5 µs per hook on a CPU (most of it building the
+    handle's weak references to the keyword and always-call tables, which a plain hook never
+    enters); a run that saves twelve activations pays that twelve times per call. The handle is
+    still torch's :class:`RemovableHandle`, with an id from torch's own counter, so it removes the
+    hook exactly as torch's would, and ``hooks`` is held weakly.
+    """
+    handle = RemovableHandle.__new__(RemovableHandle)
+    handle.hooks_dict_ref = weakref.ref(hooks)
+    hook_id = handle.id = RemovableHandle.next_id
+    RemovableHandle.next_id = hook_id + 1
+    handle.extra_dict_ref = ()
+    hooks[hook_id] = hook
+    if prepend:
+        hooks.move_to_end(hook_id, last=False)
+    return handle
+
+
 def register(
-    module: nn.Module, hook: Callable[..., Any], direction: HookDirection, *, prepend: bool = False
+    module: nn.Module,
+    hook: Callable[..., Any],
+    direction: HookDirection,
+    *,
+    prepend: bool = False,
+    always_call: bool = False,
 ) -> RemovableHandle:
-    """Register ``hook`` on ``module`` at ``direction`` and return torch's removable handle."""
+    """Register ``hook`` on ``module`` at ``direction`` and return torch's removable handle.
+
+    Plain forward and forward-pre hooks on a module whose class keeps ``nn.Module``'s
+    registration go straight into the module's hook table (:func:`_add_hook`); every other case
+    calls the module's own ``register_*_hook``. ``always_call`` (forward hooks only) makes the
+    hook run also when the forward raised (torch's ``always_call``).
+    """
+    if always_call:
+        if direction is not _FWD:
+            raise InvalidDirectionError(f"always_call applies to forward hooks only, not {direction.value!r}")
+        return module.register_forward_hook(hook, prepend=prepend, always_call=True)
     if direction is _FWD:  # the common case first, without enum attribute look-ups
+        if type(module).register_forward_hook is _MODULE_FORWARD_HOOK:
+            return _add_hook(module._forward_hooks, hook, prepend)
         return module.register_forward_hook(hook, prepend=prepend)
     if direction is HookDirection.FWD_KWARGS:
         return module.register_forward_hook(hook, prepend=prepend, with_kwargs=True)
     if direction is HookDirection.FWD_PRE:
+        if type(module).register_forward_pre_hook is _MODULE_FORWARD_PRE_HOOK:
+            return _add_hook(module._forward_pre_hooks, hook, prepend)
         return module.register_forward_pre_hook(hook, prepend=prepend)
     if direction is HookDirection.FWD_PRE_KWARGS:
         return module.register_forward_pre_hook(hook, prepend=prepend, with_kwargs=True)

@@ -19,7 +19,7 @@ from ..errors import (
     InPlaceModificationError,
     MultipleCallError,
 )
-from .directions import HandleGroup
+from .directions import HandleGroup, HookDirection, register
 
 __all__ = ["CallTracker", "ForwardState", "RootHooks", "ThreadGate", "call_key"]
 
@@ -192,8 +192,8 @@ class RootHooks:
 
     def install(self) -> HandleGroup:
         group = HandleGroup()
-        group.append(self.root.register_forward_pre_hook(self.tracker.forward_pre_hook, prepend=True))
-        group.append(self.root.register_forward_hook(self.tracker.forward_hook, always_call=True))
+        group.append(register(self.root, self.tracker.forward_pre_hook, HookDirection.FWD_PRE, prepend=True))
+        group.append(register(self.root, self.tracker.forward_hook, HookDirection.FWD, always_call=True))
         return group
 
 

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictModuleWrapper
 from torch import nn
@@ -25,7 +26,16 @@ from ..errors import (
     TdhookWarning,
 )
 from . import keys as _keys
-from .boundary import _check_dtype, _direct_call, _direct_module, _unhooked, raise_explained, wrap_module
+from .boundary import (
+    _check_dtype,
+    _direct_call,
+    _direct_module,
+    _unhooked,
+    raise_explained,
+    td_direct_module,
+    wrap_module,
+    write_outputs,
+)
 from .cache import CacheProxy, check_cache
 from .directions import HookDirection, register
 from .extensions import Extension
@@ -66,6 +76,14 @@ class HookedModule(TensorDictModuleWrapper):
         out_keys: Sequence[Any] | None = None,
     ) -> None:
         super().__init__(td_module)
+        # TensorDictModuleWrapper copies td_module's forward hooks onto the wrapper, so they would fire
+        # twice per call (and select_out_keys' hook, which needs TensorDictModule's arguments, fails)
+        for table in (
+            self._forward_hooks,
+            self._forward_hooks_with_kwargs,
+            self._forward_hooks_always_called,
+        ):
+            table.clear()
         self.in_keys = list(in_keys) if in_keys is not None else list(td_module.in_keys)
         self.out_keys = list(out_keys) if out_keys is not None else list(td_module.out_keys)
         self.__dict__["_hooking_context"] = hooking_context
@@ -252,12 +270,19 @@ class HookedModule(TensorDictModuleWrapper):
     def _call_model(self, td: TensorDictBase, *args: Any, **kwargs: Any) -> TensorDictBase:
         """Run the TensorDict-level model on ``td`` after checking its input keys and dtypes."""
         td_module = self.__dict__["_td"]
+        values = []
+        direct = not args and not kwargs
         for key in td_module.in_keys:  # one look-up per key (a keys view costs ~3 µs per call)
             value = td.get(key, None)
             if value is None:
                 _keys.check_keys(td, td_module.in_keys)
             _check_dtype(self, key, value)
+            values.append(value)
+            direct = direct and isinstance(value, torch.Tensor)
         try:
+            inner = td_direct_module(td_module) if direct else None
+            if inner is not None:  # what td_module(td) does, without its call machinery
+                return write_outputs(td, td_module.out_keys, inner(*values))
             return td_module(td, *args, **kwargs)
         except Exception as error:  # the TensorDict the model saw (a method may have built it)
             raise_explained(self, self._inputs_of(td), error)

@@ -144,3 +144,69 @@ def test_module_list_indexing_matches_its_getitem() -> None:
             ModulePathError, match=rf"'layers' has no submodule {bad} \(IndexError: index {bad}"
         ):
             resolve_path(root, f"layers[{bad}]")
+
+
+# -- resolution chains (the hooked module's remembered resolutions) ---------------------------------
+
+
+def test_resolution_chain_replays_child_names_and_sees_swaps(net: Net) -> None:
+    from tdhook._core.paths import chain_holds, resolution_chain
+
+    chain = resolution_chain(net, "seq.1.0")
+    assert chain is not None
+    assert chain[-1][2] is net.seq[1][0]
+    assert chain_holds(chain)
+    net.seq[1] = nn.Sequential(nn.GELU(), nn.ReLU())  # an intermediate module swapped
+    assert not chain_holds(chain)
+    assert resolution_chain(net, "layers[-1]") is None  # indices are resolved every time
+    assert resolution_chain(net, "scale") is None  # not a child
+
+
+def test_resolution_chain_through_a_tensordict_module() -> None:
+    from tdhook._core.paths import chain_holds, resolution_chain
+
+    inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    td_module = TensorDictModule(inner, ["x"], ["y"])
+    chain = resolution_chain(td_module, "1")
+    assert chain is not None
+    assert chain[-1][2] is inner[1]
+    assert chain_holds(chain)
+    td_module.module = nn.Sequential(nn.Linear(2, 2), nn.Tanh())  # the wrapped model replaced
+    assert not chain_holds(chain)
+
+
+def test_hooked_module_sees_a_swapped_submodule_between_runs() -> None:
+    from tensordict import TensorDict
+
+    from tdhook.modules import HookedModule
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    hooked = HookedModule.from_module(model)
+    td = TensorDict({"input": torch.randn(3, 2)}, batch_size=[3])
+    with hooked.run(td) as run:
+        proxy = run.save("0")
+    first = proxy.resolve()
+    new = nn.Linear(2, 2)
+    with torch.no_grad():
+        new.weight.fill_(0.0)
+        new.bias.fill_(7.0)
+    model[0] = new
+    with hooked.run(td) as run:
+        proxy = run.save("0")
+    second = proxy.resolve()
+    assert not torch.equal(first, second)
+    assert torch.equal(second, torch.full((3, 2), 7.0))
+
+
+def test_hooking_a_module_list_warns_every_time(net: Net) -> None:
+    from tensordict import TensorDict
+
+    from tdhook.errors import TdhookWarning
+    from tdhook.modules import HookedModule
+
+    hooked = HookedModule.from_module(nn.Sequential(net.layers[0]))
+    hooked.root.add_module("lst", net.layers)
+    td = TensorDict({"input": torch.randn(1, 2)}, batch_size=[1])
+    for _ in range(2):
+        with pytest.warns(TdhookWarning, match="ModuleList"), hooked.run(td) as run:
+            run.save("lst")

@@ -49,17 +49,9 @@ def _storage_id(tensor: torch.Tensor) -> int | None:
         return None
 
 
-class _Held:
-    """A stored tensor that aliases an activation, with its version when it was stored."""
-
-    __slots__ = ("container", "key", "label", "tensor", "version")
-
-    def __init__(self, tensor: torch.Tensor, version: int, container: Any, key: Any, label: Any) -> None:
-        self.tensor = tensor
-        self.version = version
-        self.container = container
-        self.key = key
-        self.label = label
+# A held value is a list ``[tensor, version, container, key, label]`` (building a list costs a
+# third of a Python object with an ``__init__``; this runs once per stored activation).
+_TENSOR, _VERSION, _CONTAINER, _KEY, _LABEL = range(5)
 
 
 class ForwardState:
@@ -80,8 +72,8 @@ class ForwardState:
     def __init__(self, track_storage: bool = False) -> None:
         self.depth = 0
         self.counts: dict[int, int] = {}
-        self.held: list[_Held] = []
-        self.pending: dict[int, list[_Held]] = {}
+        self.held: list[list[Any]] = []
+        self.pending: dict[int, list[list[Any]]] = {}
         #: True when in-place modules are hooked to copy held values just in time.
         self.track_storage = track_storage
 
@@ -114,9 +106,11 @@ class ForwardState:
 
     def hold(self, tensor: Any, container: Any, key: Any, label: Any) -> None:
         """Remember that ``container[key]`` holds ``tensor``, an activation the model may still modify."""
-        if self.depth == 0 or not isinstance(tensor, torch.Tensor) or tensor.is_inference():
+        if not self.depth or (type(tensor) is not torch.Tensor and not isinstance(tensor, torch.Tensor)):
             return
-        held = _Held(tensor, tensor._version, container, key, label)
+        if tensor.is_inference():  # no version counter to check
+            return
+        held = [tensor, tensor._version, container, key, label]
         self.held.append(held)
         if self.track_storage:
             sid = _storage_id(tensor)
@@ -132,14 +126,14 @@ class ForwardState:
                 continue
             sid = _storage_id(arg)
             for held in self.pending.pop(sid, ()) if sid is not None else ():
-                if held.tensor._version == held.version:
-                    copy = held.tensor.clone()
-                    held.container[held.key] = copy
-                    held.tensor, held.version = copy, copy._version
+                if held[_TENSOR]._version == held[_VERSION]:
+                    copy = held[_TENSOR].clone()
+                    held[_CONTAINER][held[_KEY]] = copy
+                    held[_TENSOR], held[_VERSION] = copy, copy._version
 
 
-def _check_versions(held: list[_Held]) -> None:
-    changed = [h.label for h in held if h.tensor._version != h.version]
+def _check_versions(held: list[list[Any]]) -> None:
+    changed = [h[_LABEL] for h in held if h[_TENSOR]._version != h[_VERSION]]
     if changed:
         raise InPlaceModificationError(
             f"The stored activation(s) {changed} were modified in place after their hook stored them (an "

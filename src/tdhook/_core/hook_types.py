@@ -150,10 +150,10 @@ class StoringHook:
         if calls is None or not calls.depth:
             self.store[self.key] = value
             return
-        key = self.key
-        n = calls.index(self)
-        if n:
-            key = call_key(key, n)
+        counts = calls.counts  # ForwardState.index inlined: this runs once per saved module per call
+        n = counts.get(id(self), 0)
+        counts[id(self)] = n + 1
+        key = call_key(self.key, n) if n else self.key
         self.store[key] = value
         if self.thread is not None:  # forward directions: protect against later in-place ops
             calls.hold(value, self.store, key, key)

@@ -41,7 +41,7 @@ from .directions import HookDirection, register
 from .extensions import Extension
 from .forward_state import CallTracker, ForwardState, ThreadGate
 from .hook_types import CachingHook, SettingHook, StoppingHook
-from .paths import resolve_path
+from .paths import chain_holds, resolution_chain, resolve_path
 from .run import HookedModuleRun
 from .signatures import check_callback, check_hook_signature
 
@@ -93,6 +93,7 @@ class HookedModule(TensorDictModuleWrapper):
         self.__dict__["_extensions"] = {}
         self.__dict__["_exposed"] = {}
         self.__dict__["_td"] = td_module  # the call path reads it without nn.Module.__getattr__
+        self.__dict__["_targets"] = {}  # (path, relative) -> resolution_chain, for _hook_target
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -334,8 +335,24 @@ class HookedModule(TensorDictModuleWrapper):
         return register(self._hook_target(key, relative), hook, direction, prepend=prepend)
 
     def _hook_target(self, key: str, relative: bool) -> nn.Module:
-        """The submodule at ``key``, with a warning when it is a ModuleList (never called itself)."""
+        """The submodule at ``key``, with a warning when it is a ModuleList (never called itself).
+
+        A path that names children is resolved once per hooked module and re-checked at each use
+        (:func:`~tdhook._core.paths.chain_holds`), so a swapped submodule is always seen.
+        """
+        targets: dict[tuple[str, bool], Any] = self.__dict__["_targets"]
+        found = targets.get((key, relative))
+        if found is not None and chain_holds(found):  # the same module as when first resolved
+            return found[-1][2]
         module = self.resolve(key, relative=relative)
+        chain = resolution_chain(self.root if relative else self, key)
+        if (
+            chain is not None
+            and chain[-1][2] is module
+            and type(module) is not nn.ModuleList
+            and len(targets) < 1024
+        ):
+            targets[(key, relative)] = chain
         if isinstance(module, nn.ModuleList):
             warnings.warn(
                 f"You are hooking a ModuleList ({key}), which will never be executed.",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from typing import Union
+from typing import Any, Union
 
 from tensordict.nn import TensorDictModule
 from torch import nn
@@ -26,9 +26,11 @@ from ..errors import ModulePathError, NoMatchError, nearest
 
 __all__ = [
     "PathStep",
+    "chain_holds",
     "compile_pattern",
     "join_paths",
     "parse_path",
+    "resolution_chain",
     "resolve_path",
     "select_modules",
 ]
@@ -169,6 +171,47 @@ def resolve_path(root: nn.Module, path: str | Sequence[PathStep]) -> nn.Module:
                 "not an nn.Module. Point the path at a submodule."
             )
     return obj  # type: ignore[return-value]
+
+
+#: The checks that replay a resolution by child names: (parent's child registry, name, child or None).
+Chain = tuple[tuple[dict[str, Any], str, Union[nn.Module, None]], ...]  # noqa: UP007 - runtime alias
+
+
+def resolution_chain(root: nn.Module, path: str) -> Chain | None:
+    """What resolving ``path`` from ``root`` looked at, when it only named children; else None.
+
+    Each check is (parent's child registry, name, child), or child ``None`` for "no such child"
+    on a ``TensorDictModule`` whose wrapped ``module`` has it (the fall-through of :func:`_step`).
+    Paths with indices or attributes give None (an index may point elsewhere once a container
+    changes length). :func:`chain_holds` tells whether the resolution still gives the same
+    module. The chain holds the registries and children strongly: keep it no longer than ``root``.
+    """
+    chain: list[tuple[dict[str, Any], str, nn.Module | None]] = []
+    obj = root
+    for step in parse_path(path):
+        if not isinstance(step, str):
+            return None
+        child = obj._modules.get(step)
+        if child is None and isinstance(obj, TensorDictModule):
+            inner = obj._modules.get("module")
+            if inner is None or inner._modules.get(step) is None:
+                return None
+            chain.append((obj._modules, step, None))
+            chain.append((obj._modules, "module", inner))
+            obj, child = inner, inner._modules[step]
+        if not isinstance(child, nn.Module):
+            return None
+        chain.append((obj._modules, step, child))
+        obj = child
+    return tuple(chain) or None
+
+
+def chain_holds(chain: Chain) -> bool:
+    """True when every step of a :func:`resolution_chain` still holds the same child (a dict look-up each)."""
+    for registry, name, child in chain:  # noqa: SIM110 - a loop is twice as fast as all(genexpr) here
+        if registry.get(name) is not child:
+            return False
+    return True
 
 
 def _format(steps: Sequence[PathStep]) -> str:

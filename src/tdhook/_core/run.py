@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["HookedModuleRun"]
 
+#: The user-facing direction strings, parsed (a member itself goes through HookDirection.parse).
+_PARSED = {d.value: d for d in HookDirection}
+_BACKWARD = frozenset((HookDirection.BWD, HookDirection.BWD_PRE))
+
 
 class _RunStore(dict):
     """A run's values (a dict that :class:`CacheProxy` can reference weakly)."""
@@ -160,27 +164,6 @@ class HookedModuleRun:
             with torch.set_grad_enabled(self._grad_enabled):
                 self._callback(self._module, self._data)
 
-    def _store_hook(
-        self,
-        key: str,
-        cache_key: Any,
-        callback: Callable[..., Any] | None,
-        direction: HookDirection,
-        prepend: bool,
-        relative: bool,
-    ) -> CacheProxy:
-        """Register a hook writing ``key``'s value to the run's dict; the hot path of ``get``/``save``."""
-        if callback is not None:
-            check_callback(callback, direction, ("key", "direction"))
-        thread = None if direction.is_backward else self._thread
-        module = self._module._hook_target(key, relative)
-        hook = StoringHook(cache_key, self._store, direction, callback, self._forward_state(), thread)
-        self._handles.append(register(module, hook, direction, prepend=prepend))
-        ref = self._store_ref
-        if ref is None:
-            ref = self._store_ref = MutableWeakRef(self._store)
-        return CacheProxy(cache_key, ref)
-
     def _check(self, name: str) -> None:
         if not self._active:
             raise ContextStateError(
@@ -198,8 +181,9 @@ class HookedModuleRun:
         relative: bool = True,
     ) -> CacheProxy:
         """Cache ``key``'s value in ``run.cache`` under ``cache_key or f"{key}_{type}"``."""
-        self._check("get")
-        direction = HookDirection.parse(direction)
+        if not self._active:
+            self._check("get")
+        direction = _PARSED.get(direction) or HookDirection.parse(direction)  # type: ignore[call-overload]
         if self._cache is None:
             cache_key = cache_key or f"{key}_{direction.value_type}"
         return self._cache_into(self._cache, key, cache_key, callback, direction, prepend, relative)
@@ -215,8 +199,9 @@ class HookedModuleRun:
         relative: bool = True,
     ) -> CacheProxy:
         """Like :meth:`get`, into the outer cache, under ``f"{run_name}{run_sep}{key}_{type}"``."""
-        self._check("save")
-        direction = HookDirection.parse(direction)
+        if not self._active:
+            self._check("save")
+        direction = _PARSED.get(direction) or HookDirection.parse(direction)  # type: ignore[call-overload]
         cache = self._outer_cache if self._outer_cache is not None else self._cache
         cache_key = cache_key or f"{self._name}{self._sep}{key}_{direction.value_type}"
         return self._cache_into(cache, key, cache_key, callback, direction, prepend, relative)
@@ -231,9 +216,22 @@ class HookedModuleRun:
         prepend: bool,
         relative: bool,
     ) -> CacheProxy:
-        """Hook ``key`` to write into ``cache`` (the run's own dict when ``None``); what get/save share."""
+        """Hook ``key`` to write into ``cache`` (the run's own dict when ``None``); what get/save share.
+
+        Without a cache this is the hot path of a run (once per saved module per call): the
+        value goes to the run's dict through a :class:`StoringHook`.
+        """
         if cache is None:
-            return self._store_hook(key, cache_key, callback, direction, prepend, relative)
+            if callback is not None:
+                check_callback(callback, direction, ("key", "direction"))
+            thread = None if direction in _BACKWARD else self._thread
+            module = self._module._hook_target(key, relative)
+            hook = StoringHook(cache_key, self._store, direction, callback, self._forward_state(), thread)
+            self._handles.append(register(module, hook, direction, prepend=prepend))
+            ref = self._store_ref
+            if ref is None:
+                ref = self._store_ref = MutableWeakRef(self._store)
+            return CacheProxy(cache_key, ref)
         handle, proxy = self._module._get(
             cache, key, cache_key, callback, direction, prepend, relative, self._forward_state(), self._thread
         )

@@ -16,13 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 from ._core.boundary import compiled_reason
 from ._core.claims import _claim_model, _release_model
 from ._core.directions import HandleGroup, HookDirection, register
-from ._core.forward_state import ForwardState
+from ._core.forward_state import ForwardState, inplace_modules
 from ._session_hooks import (
     CapturedTarget,
     EarlyStopResult,
@@ -111,7 +110,7 @@ class HookSession:
         self._passes: _Passes | None = None
         self._handles = HandleGroup()
         #: (operation, module_path, direction, target, hooks) of each ProgramEntry, built on demand
-        self._entries: list[tuple[str, str, str | None, Target | None, int]] = []
+        self._entries: list[tuple[str, str, HookDirection | None, Target | None, int]] = []
         self._backups: list[tuple[weakref.ref[nn.Parameter], torch.Tensor]] = []
         self._captures: list[CapturedTarget] = []
         self._start_handle: Any = None  # the root hooks that delimit passes, installed when first needed
@@ -134,7 +133,10 @@ class HookSession:
     @property
     def program(self) -> HookProgram:
         """What the session installed so far (empty outside the ``with`` block)."""
-        entries = [ProgramEntry(*e) for e in self._entries]
+        entries = [
+            ProgramEntry(op, path, None if d is None else d.value, t, n)
+            for op, path, d, t, n in self._entries
+        ]
         if self._start_handle is not None:
             entries.insert(0, ProgramEntry("pass_start", "", HookDirection.FWD_PRE.value))
         if self._end_handle is not None:
@@ -296,7 +298,7 @@ class HookSession:
         check_compiled(model, module_path, module)
         result = EarlyStopResult(module_path)
         self._handles.append(register(module, _StopHook(result, passes), _FWD))
-        self._entries.append(("stop", module_path, _FWD.value, None, 1))
+        self._entries.append(("stop", module_path, _FWD, None, 1))
         self._has_stop = True
         return result
 
@@ -347,7 +349,10 @@ class HookSession:
             )
         model = self.model
         module = target.validate(model)
-        check_compiled(model, target.module_path, module)
+        if compiled_reason(module) is not None or "." in target.module_path or "[" in target.module_path:
+            check_compiled(
+                model, target.module_path, module
+            )  # the modules on the way too (raises, naming the fix)
         return target, parsed, module
 
     def _install(
@@ -372,7 +377,7 @@ class HookSession:
         if self._start_handle is None:  # every call of the model from now on starts a pass
             self._start_handle = register(self.model, passes.begin, HookDirection.FWD_PRE, prepend=True)
         self._handles.append(register(module, hook, point))
-        self._entries.append((operation, target.module_path, direction.value, target, 1))
+        self._entries.append((operation, target.module_path, direction, target, 1))
         if target.occurrences is not None:
             passes.watched.append(hook)
         if captured is not None and not captured.detach and not direction.is_backward:
@@ -397,11 +402,9 @@ class HookSession:
         if self._inplace_guarded:
             return
         self._inplace_guarded = passes.state.track_storage = True
-        for module in self.model.modules():
-            # TensorDictModule's `inplace` means "write outputs into the input TensorDict"
-            if getattr(module, "inplace", False) is True and not isinstance(module, TensorDictModuleBase):
-                self._handles.append(register(module, passes.state.before_inplace, HookDirection.FWD_PRE))
-                self._entries.append(("inplace_guard", "", HookDirection.FWD_PRE.value, None, 1))
+        for module in inplace_modules(self.model):
+            self._handles.append(register(module, passes.state.before_inplace, HookDirection.FWD_PRE))
+            self._entries.append(("inplace_guard", "", HookDirection.FWD_PRE, None, 1))
 
     def _replace_parameter(self, target: Target, module: nn.Module, value: Any) -> None:
         param = target.parameter_tensor(module)

@@ -332,6 +332,26 @@ class _ActivationHook(_SiteHook):
     """Capture or replace a target's value at a forward hook point."""
 
     def __call__(self, *args: Any) -> Any:
+        passes = self.passes
+        if self.wanted is None and self.captured is not None and self.direction is _FWD:
+            # the common capture, inlined (_call_index, _apply): this runs once per hooked module per call
+            if threading.get_ident() != passes.thread:
+                return None
+            state = passes.state
+            call = 0
+            if state.depth:
+                counts = state.counts
+                call = counts.get(id(self), 0)
+                counts[id(self)] = call + 1
+            captured = self.captured
+            target, selected = self.target, args[2]
+            if target.output_path or target.indices is not None or not isinstance(selected, torch.Tensor):
+                selected = target.select_output(selected)  # else: the whole tensor output is the selection
+            captured._record(selected, call, passes.pass_id)
+            if not captured.detach:  # kept without a copy: protect it
+                values = captured.values
+                state.hold(selected, values, len(values) - 1, str(self.target))
+            return None
         index = self._call_index()
         if index is None:
             return None

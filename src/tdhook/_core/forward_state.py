@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 from ..errors import (
@@ -21,7 +22,7 @@ from ..errors import (
 )
 from .directions import HandleGroup, HookDirection, register
 
-__all__ = ["CallTracker", "ForwardState", "RootHooks", "ThreadGate", "call_key"]
+__all__ = ["CallTracker", "ForwardState", "RootHooks", "ThreadGate", "call_key", "inplace_modules"]
 
 
 def call_key(key: Any, index: int) -> Any:
@@ -35,6 +36,29 @@ def call_key(key: Any, index: int) -> Any:
     if isinstance(key, tuple):
         return (*key[:-1], f"{key[-1]}#{index}")
     return f"{key}#{index}"
+
+
+def _modifies_input(module: nn.Module) -> bool:
+    """``module.inplace is True`` without ``nn.Module.__getattr__``'s exception for modules that lack it."""
+    flag = module.__dict__.get("inplace", _MISSING)
+    if flag is _MISSING:
+        flag = getattr(type(module), "inplace", False)
+        if isinstance(flag, property):  # a computed flag: ask the module
+            flag = getattr(module, "inplace", False)
+    return flag is True
+
+
+_MISSING = object()
+
+
+def inplace_modules(root: nn.Module) -> list[nn.Module]:
+    """Submodules of ``root`` that modify their input in place (``nn.ReLU(inplace=True)``...).
+
+    ``TensorDictModule``'s own ``inplace`` (write outputs into the input TensorDict) is not one.
+    A look-up per module in its ``__dict__`` (a missing attribute through ``nn.Module.__getattr__``
+    raises, which costs ~3 µs a module).
+    """
+    return [m for m in root.modules() if _modifies_input(m) and not isinstance(m, TensorDictModuleBase)]
 
 
 def _storage_id(tensor: torch.Tensor) -> int | None:

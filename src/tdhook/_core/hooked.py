@@ -39,7 +39,7 @@ from .boundary import (
 from .cache import CacheProxy, check_cache
 from .directions import HookDirection, register
 from .extensions import Extension
-from .forward_state import CallTracker, ForwardState, ThreadGate
+from .forward_state import CallTracker, ForwardState, ThreadGate, inplace_modules
 from .hook_types import CachingHook, SettingHook, StoppingHook
 from .paths import chain_holds, resolution_chain, resolve_path
 from .run import HookedModuleRun
@@ -214,12 +214,7 @@ class HookedModule(TensorDictModuleWrapper):
         """Submodules of the user model that modify their input in place (``inplace=True``), found once."""
         found = self.__dict__.get("_inplace")
         if found is None:
-            found = [
-                m
-                for m in self.root.modules()
-                # TensorDictModule's `inplace` means "write outputs into the input TensorDict"
-                if getattr(m, "inplace", False) is True and not isinstance(m, TensorDictModuleBase)
-            ]
+            found = inplace_modules(self.root)
             self.__dict__["_inplace"] = found
         return found
 

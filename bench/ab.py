@@ -6,6 +6,12 @@ round, each library runs 3 times and the median CPU time of the process is kept;
 over rounds is reported. One thread, so a loaded machine inflates it least. This is *not* the
 benchmark (no fresh process per library, no gate): ``python -m bench.run`` is; use this to see
 where a ratio comes from.
+
+``python -m bench.ab --paired TASK '{"param": ...}' [CYCLES]`` times single calls instead, the
+libraries in turn within each cycle, and reports the median over cycles of each library's time
+minus the baseline's *in the same cycle*. A machine whose speed drifts (a shared VM, where a
+plain call may take 200 µs one minute and 350 µs the next) shifts every library of a cycle
+alike, so the paired differences keep overheads of a few µs that separate processes lose.
 """
 
 from __future__ import annotations
@@ -19,9 +25,49 @@ from ._harness import Skip, pin
 from .tasks import load
 
 
+def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
+    """Median over cycles of (library - baseline) for single calls made in turn; µs."""
+    task = load(task_name)
+    impls = {}
+    for cls in task.impls:
+        try:
+            impl = cls()
+            impl.setup(params)
+            impl.run()
+        except (ImportError, Skip) as err:
+            print(f"  {cls.name}: skipped ({err})")
+            continue
+        impls[cls.name] = impl
+    for _ in range(100):
+        for impl in impls.values():
+            impl.run()
+    clock = time.perf_counter_ns
+    samples: dict[str, list[int]] = {n: [] for n in impls}
+    for _ in range(cycles):
+        for name, impl in impls.items():
+            t0 = clock()
+            impl.run()
+            samples[name].append(clock() - t0)
+    base = samples[task.baseline] if task.baseline else [0] * cycles
+    return {n: statistics.median(a - b for a, b in zip(v, base)) / 1e3 for n, v in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     pin(1)
+    if args and args[0] == "--paired":
+        task_name, params = args[1], json.loads(args[2])
+        above = paired(task_name, params, int(args[3]) if len(args) > 3 else 3000)
+        print(f"{task_name} {params} (paired, µs above {load(task_name).baseline}, median over cycles)")
+        peers = [n for n in above if n != load(task_name).baseline]
+        for name in peers:
+            ratios = "  ".join(
+                f"{name}/{other} {above[name] / above[other]:.2f}"
+                for other in peers
+                if other != name and above[other] > 0
+            )
+            print(f"  {name:18s} {above[name]:+8.1f} µs   {ratios}")
+        return 0
     task = load(args[0])
     params = json.loads(args[1])
     rounds = int(args[2]) if len(args) > 2 else 5

@@ -209,7 +209,9 @@ class HookSession:
             ContextStateError: Outside the ``with`` block, or for a gradient target in a session
                 that has a :meth:`stop`.
         """
-        passes = self._require_active("capture")
+        passes = self._passes
+        if passes is None or threading.get_ident() != passes.thread:
+            passes = self._require_active("capture")  # raises
         target, direction, module = self._prepare(target, direction)
         captured = CapturedTarget(target, direction, detach)
         if target.kind is TargetKind.PARAMETER:
@@ -330,6 +332,13 @@ class HookSession:
         if not isinstance(target, Target):
             raise InvalidInputError(f"Expected a Target or a module path, got {type(target).__name__}.")
         kind = target.kind
+        if kind is TargetKind.ACTIVATION and direction is None:  # the common case: no direction checks
+            model = self.model
+            module = target.validate(model)
+            path = target.module_path
+            if compiled_reason(module) is not None or "." in path or "[" in path:
+                check_compiled(model, path, module)  # the modules on the way too (raises, naming the fix)
+            return target, _FWD, module
         if kind is TargetKind.PARAMETER:
             if direction is not None:
                 raise InvalidDirectionError(
@@ -365,9 +374,10 @@ class HookSession:
         captured: CapturedTarget | None,
         replacement: _Replacement | None,
     ) -> None:
-        wanted = None if target.occurrences is None else frozenset(target.occurrences)
+        occurrences = target.occurrences
+        wanted = None if occurrences is None else frozenset(occurrences)
         hook: _SiteHook
-        if target.kind is TargetKind.GRADIENT:
+        if direction in _GRADIENT_DIRECTIONS:
             hook = _GradientHook(target, direction, passes, wanted, captured, replacement)
             point = _FWD if direction is HookDirection.BWD_PRE else HookDirection.FWD_PRE
             self._has_gradient = True
@@ -378,11 +388,13 @@ class HookSession:
             self._start_handle = register(self.model, passes.begin, HookDirection.FWD_PRE, prepend=True)
         self._handles.append(register(module, hook, point))
         self._entries.append((operation, target.module_path, direction, target, 1))
-        if target.occurrences is not None:
+        if occurrences is not None:
             passes.watched.append(hook)
-        if captured is not None and not captured.detach and not direction.is_backward:
+        if (
+            captured is not None and not captured.detach and point is direction
+        ):  # a forward value kept uncopied
             self._guard_inplace(passes)
-        if target.occurrences is not None or self._inplace_guarded:
+        if occurrences is not None or self._inplace_guarded:
             self._keep_end_last(passes, module)
 
     def _keep_end_last(self, passes: _Passes, module: nn.Module) -> None:

@@ -110,10 +110,14 @@ def _claim_model(context: HookingContext | Any, root: nn.Module, thread: int, ex
 def _release_model(context: HookingContext | Any, root: nn.Module | None) -> None:
     """Drop ``context``'s claim on ``root``; with ``root=None`` (e.g. a model already collected), on any model."""
     with _LOCK:
-        keys = list(_ACTIVE) if root is None else [_model_id(root)]
+        keys = list(_ACTIVE) if root is None else (_model_id(root),)
         for key in keys:
             entries = _ACTIVE.get(key)
             if entries is None:
+                continue
+            if len(entries) == 1:  # the common case: this context alone on the model
+                if entries[0][0] is context:
+                    del _ACTIVE[key]
                 continue
             entries[:] = [e for e in entries if e[0] is not context]
             if not entries:

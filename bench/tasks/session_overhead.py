@@ -36,15 +36,16 @@ class Session(_OneThread, Impl):
     inner = 20
 
     def setup(self, params):
+        from tdhook.session import HookSession
+
         model, self.x, self.names = _build(params)
         self.model = model
+        self.session = HookSession  # imported once, as the other libraries are
         self.captured: list[Any] = []
 
     @_inference
     def run(self):
-        from tdhook.session import HookSession
-
-        with HookSession(self.model) as s:
+        with self.session(self.model) as s:
             captured = [s.capture(name) for name in self.names]
             self.model(self.x)
         self.captured = captured

@@ -64,17 +64,17 @@ class Session(Impl):
 
     def setup(self, params):
         from tdhook.modules import HookedModule
+        from tdhook.session import HookSession
 
         model, self.td, self.names, _ = _setup(params)
         self.model = model
+        self.session = HookSession  # imported once, as the other libraries are
         self.hooked = HookedModule.from_module(model, in_keys=["input"], out_keys=["output"])
         self.captured: list[Any] = []
 
     @_inference
     def run(self):
-        from tdhook.session import HookSession
-
-        with HookSession(self.model) as s:
+        with self.session(self.model) as s:
             captured = [s.capture(name) for name in self.names]
             self.hooked(self.td)
         self.captured = captured

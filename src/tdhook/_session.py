@@ -158,8 +158,8 @@ class HookSession:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         passes = self._passes
-        if passes is not None:
-            self._check_thread(passes, "__exit__")
+        if passes is not None and threading.get_ident() != passes.thread:
+            self._check_thread(passes, "__exit__")  # raises
         try:
             self._handles.remove()
             for handle in (self._end_handle, self._start_handle):

@@ -83,7 +83,7 @@ class SessionStop(BaseException):
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CapturedTarget:
     """What :meth:`HookSession.capture` records: one entry per observation, in observation order.
 

@@ -176,3 +176,16 @@ def test_a_non_tensor_input_takes_the_modules_own_call() -> None:
     HookedModule.from_module(td_module)(td)
     assert calls[0] == calls[1]  # the module saw what TensorDictModule passes for a non-tensor entry
     assert td["out"].shape == (2, 1)
+
+
+def test_wrapping_never_edits_the_models_out_keys() -> None:
+    td_module = TensorDictModule(Pair(), ["x"], ["a", "b"])
+    hooked = HookedModule.from_module(td_module, out_keys=["a"])  # a subset, which methods honour
+    assert hooked.out_keys == ["a"]
+    assert td_module.out_keys == ["a", "b"]
+    assert td_module.out_keys_source == ["a", "b"]
+    out = td_module(_td())  # the model still writes both of its outputs
+    assert "a" in out
+    assert "b" in out
+    hooked.out_keys = ["b"]
+    assert td_module.out_keys == ["a", "b"]

@@ -85,7 +85,9 @@ class HookedModule(TensorDictModuleWrapper):
         ):
             table.clear()
         self.in_keys = list(in_keys) if in_keys is not None else list(td_module.in_keys)
-        self.out_keys = list(out_keys) if out_keys is not None else list(td_module.out_keys)
+        self.__dict__["_hooked_out_keys"] = (
+            list(out_keys) if out_keys is not None else list(td_module.out_keys)
+        )
         self.__dict__["_hooking_context"] = hooking_context
         self.__dict__["_relative_path"] = relative_path
         self.__dict__["_call_chain"] = None
@@ -115,6 +117,20 @@ class HookedModule(TensorDictModuleWrapper):
         return cls(td_module, hooking_context=hooking_context, in_keys=ins, out_keys=outs, **kwargs)
 
     # -- properties ----------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def out_keys(self) -> list[Any]:
+        """The out-keys this hooked module reports (a subset of the model's, or all of them).
+
+        Kept on the hooked module itself: tensordict 0.14's ``TensorDictModuleWrapper`` forwards
+        an ``out_keys`` assignment to the wrapped module, which would edit the user's model (a
+        subset passed to :meth:`from_module` would make it drop outputs).
+        """
+        return self.__dict__["_hooked_out_keys"]
+
+    @out_keys.setter
+    def out_keys(self, value: Sequence[Any]) -> None:
+        self.__dict__["_hooked_out_keys"] = list(value)
+
     @property
     def hooking_context(self) -> HookingContext | None:
         return self.__dict__["_hooking_context"]

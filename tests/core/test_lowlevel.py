@@ -233,6 +233,11 @@ def test_run_values_follow_callbacks_and_directions(net, td) -> None:
     torch.testing.assert_close(inp.resolve(), net.relu(net.linear1(x)))
     with pytest.raises(InvalidDirectionError, match="Invalid direction: 'forward'"), hooked.run(td) as run:
         run.save("linear1", direction="forward")
+    for bad in (["fwd"], None, 3):  # not a string: the same clear error, never a TypeError
+        with pytest.raises(InvalidDirectionError, match="Invalid direction"), hooked.run(td) as run:
+            run.save("linear1", direction=bad)
+        with pytest.raises(InvalidDirectionError, match="Invalid direction"), hooked.run(td) as run:
+            run.get("linear1", direction=bad)
 
 
 class _Returns(torch.nn.Module):

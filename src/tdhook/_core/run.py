@@ -183,7 +183,9 @@ class HookedModuleRun:
         """Cache ``key``'s value in ``run.cache`` under ``cache_key or f"{key}_{type}"``."""
         if not self._active:
             self._check("get")
-        direction = _PARSED.get(direction) or HookDirection.parse(direction)  # type: ignore[call-overload]
+        direction = (_PARSED.get(direction) if type(direction) is str else None) or HookDirection.parse(
+            direction
+        )
         if self._cache is None:
             cache_key = cache_key or f"{key}_{direction.value_type}"
         return self._cache_into(self._cache, key, cache_key, callback, direction, prepend, relative)
@@ -201,7 +203,9 @@ class HookedModuleRun:
         """Like :meth:`get`, into the outer cache, under ``f"{run_name}{run_sep}{key}_{type}"``."""
         if not self._active:
             self._check("save")
-        direction = _PARSED.get(direction) or HookDirection.parse(direction)  # type: ignore[call-overload]
+        direction = (_PARSED.get(direction) if type(direction) is str else None) or HookDirection.parse(
+            direction
+        )
         cache = self._outer_cache if self._outer_cache is not None else self._cache
         cache_key = cache_key or f"{self._name}{self._sep}{key}_{direction.value_type}"
         return self._cache_into(cache, key, cache_key, callback, direction, prepend, relative)

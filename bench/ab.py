@@ -20,14 +20,14 @@ import json
 import statistics
 import sys
 import time
+from typing import Any
 
 from ._harness import Skip, pin
 from .tasks import load
 
 
-def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
-    """Median over cycles of (library - baseline) for single calls made in turn; µs."""
-    task = load(task_name)
+def _ready(task: Any, params: dict) -> dict[str, Any]:
+    """Every library of ``task`` set up on ``params`` and run once, by name (unavailable ones skipped)."""
     impls = {}
     for cls in task.impls:
         try:
@@ -38,6 +38,13 @@ def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
             print(f"  {cls.name}: skipped ({err})")
             continue
         impls[cls.name] = impl
+    return impls
+
+
+def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
+    """Median over cycles of (library - baseline) for single calls made in turn; µs."""
+    task = load(task_name)
+    impls = _ready(task, params)
     for _ in range(100):
         for impl in impls.values():
             impl.run()
@@ -71,16 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     task = load(args[0])
     params = json.loads(args[1])
     rounds = int(args[2]) if len(args) > 2 else 5
-    impls = {}
-    for cls in task.impls:
-        try:
-            impl = cls()
-            impl.setup(params)
-            impl.run()
-        except (ImportError, Skip) as err:
-            print(f"  {cls.name}: skipped ({err})")
-            continue
-        impls[cls.name] = impl
+    impls = _ready(task, params)
     samples: dict[str, list[float]] = {n: [] for n in impls}
     for _ in range(rounds):
         for name, impl in impls.items():

@@ -335,9 +335,7 @@ class HookSession:
         if kind is TargetKind.ACTIVATION and direction is None:  # the common case: no direction checks
             model = self.model
             module = target.validate(model)
-            path = target.module_path
-            if compiled_reason(module) is not None or "." in path or "[" in path:
-                check_compiled(model, path, module)  # the modules on the way too (raises, naming the fix)
+            check_compiled(model, target.module_path, module)
             return target, _FWD, module
         if kind is TargetKind.PARAMETER:
             if direction is not None:
@@ -358,10 +356,7 @@ class HookSession:
             )
         model = self.model
         module = target.validate(model)
-        if compiled_reason(module) is not None or "." in target.module_path or "[" in target.module_path:
-            check_compiled(
-                model, target.module_path, module
-            )  # the modules on the way too (raises, naming the fix)
+        check_compiled(model, target.module_path, module)
         return target, parsed, module
 
     def _install(

@@ -51,6 +51,8 @@ def check_compiled(model: nn.Module, path: str, module: nn.Module | None = None)
     Raises:
         CompiledModelError: Naming the compiled module and the fix.
     """
+    if module is not None and "." not in path and "[" not in path and compiled_reason(module) is None:
+        return  # a one-step path: the module itself is all there is to check (no parse, no walk)
     steps = parse_path(path)
     for i in range(1 if module is not None else 0, len(steps) + 1):
         part = module if i == len(steps) and module is not None else resolve_path(model, steps[:i])
@@ -338,11 +340,7 @@ class _ActivationHook(_SiteHook):
             if threading.get_ident() != passes.thread:
                 return None
             state = passes.state
-            call = 0
-            if state.depth:
-                counts = state.counts
-                call = counts.get(id(self), 0)
-                counts[id(self)] = call + 1
+            call = state.index(self)
             captured = self.captured
             target, selected = self.target, args[2]
             if target.output_path or target.indices is not None or not isinstance(selected, torch.Tensor):

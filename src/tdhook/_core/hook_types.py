@@ -150,9 +150,7 @@ class StoringHook:
         if calls is None or not calls.depth:
             self.store[self.key] = value
             return
-        counts = calls.counts  # ForwardState.index inlined: this runs once per saved module per call
-        n = counts.get(id(self), 0)
-        counts[id(self)] = n + 1
+        n = calls.index(self)
         key = call_key(self.key, n) if n else self.key
         self.store[key] = value
         if self.thread is not None:  # forward directions: protect against later in-place ops

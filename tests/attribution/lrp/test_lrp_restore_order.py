@@ -27,6 +27,8 @@ from tdhook.attribution.lrp import (
     ParamModifier,
 )
 
+TIMEOUT = 30  # seconds: a thread that fails must fail the test, not hang the run
+
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -118,7 +120,8 @@ def test_second_context_from_another_thread_is_refused():
 
         thread = threading.Thread(target=other)
         thread.start()
-        thread.join()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
     assert len(errors) == 1
     assert isinstance(errors[0], RuntimeError)
     _assert_same(before, _state(model))
@@ -139,7 +142,8 @@ def test_sequential_contexts_in_two_threads_restore_exactly():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     _assert_same(before, _state(model))
 
@@ -184,20 +188,71 @@ def test_param_modifiers_in_any_order_and_conflicts():
 def test_canonizer_threads_restore_in_any_order():
     model = _model()
     before = _state(model)
-    entered = threading.Barrier(2)
+    entered = threading.Barrier(2, timeout=TIMEOUT)
     release = [threading.Event(), threading.Event()]
+    errors: list[BaseException] = []
 
     def work(i):
-        group = MergeBatchNorm().apply(model)
-        entered.wait()
-        release[i].wait()
-        group.remove()
+        try:
+            group = MergeBatchNorm().apply(model)
+        except BaseException as err:  # fail the test, never leave the other thread waiting
+            errors.append(err)
+            entered.abort()
+            return
+        try:
+            entered.wait()
+            assert release[i].wait(TIMEOUT)
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            group.remove()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
     release[0].set()  # the first to enter exits first
-    threads[0].join()
+    threads[0].join(TIMEOUT)
     release[1].set()
-    threads[1].join()
+    threads[1].join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors, errors
     _assert_same(before, _state(model))
+
+
+def test_canonizers_applied_concurrently_never_see_a_half_edited_model():
+    """Each apply computes its edits and installs them as one step (regression: a thread that read
+    the weights another thread had already merged, with the BatchNorm not yet reset, computed a
+    different value, was refused, and the other thread waited for it forever)."""
+    model = _model()
+    before = _state(model)
+    merged = MergeBatchNorm().plan(model)
+    expected = [(e.module, e.name, e.value) for e in merged]  # type: ignore[attr-defined]
+    start = threading.Barrier(4, timeout=TIMEOUT)
+    errors: list[BaseException] = []
+    seen: list[bool] = []
+
+    def work():
+        try:
+            start.wait()
+            for _ in range(50):
+                with MergeBatchNorm().apply(model):
+                    seen.append(all(_equal(getattr(m, name), v) for m, name, v in expected))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors, errors
+    assert len(seen) == 200
+    assert all(seen)
+    _assert_same(before, _state(model))
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b

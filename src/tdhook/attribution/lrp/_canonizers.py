@@ -59,7 +59,45 @@ class _Edit:
 #: context or thread, shares one entry: the first saves the original, the last restores it, so
 #: contexts may exit in any order. A second edit to a *different* value is refused.
 _EDITS: weakref.WeakKeyDictionary[nn.Module, dict[str, _Edit]] = weakref.WeakKeyDictionary()
-_EDITS_LOCK = threading.Lock()
+#: Re-entrant: a canonizer or ParamModifier computes its edits from the model and installs them
+#: while holding it (see :func:`_planned_install`), so no thread computes from a half-edited model.
+_EDITS_LOCK = threading.RLock()
+
+
+def _planned_install(plan: Callable[[], list[Installable]]) -> HandleGroup:
+    """Compute edits from the model and install them as one step, atomic with every other edit.
+
+    Edits are values computed from the model's current state (a merged BatchNorm's weight). If
+    another thread could install or remove its edits while they are computed, the values computed
+    from that half-edited model would be wrong (or refused as a conflict); so computing, installing
+    and removing a group all hold one lock.
+    """
+    with _EDITS_LOCK:
+        return HandleGroup([_Undo(install(plan()))])
+
+
+class _Undo:
+    """Remove a whole group of edits under the lock, so no thread computes from a half-restored model."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: HandleGroup) -> None:
+        self.group = group
+
+    def remove(self) -> None:
+        with _EDITS_LOCK:
+            self.group.remove()
+
+
+@dataclass(frozen=True, eq=False)
+class _Canonize:
+    """Installable: apply ``canonizer`` to ``root`` at install time (planned and installed atomically)."""
+
+    canonizer: Canonizer
+    root: nn.Module
+
+    def install(self) -> HandleGroup:
+        return _planned_install(lambda: self.canonizer.plan(self.root))
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -204,7 +242,7 @@ class ParamModifier:
 
     def __call__(self, module: nn.Module) -> HandleGroup:
         """Apply to ``module`` now; the returned group (a context manager) restores it."""
-        return install(self.bind(module))
+        return _planned_install(lambda: self.bind(module))
 
 
 @dataclass(frozen=True)
@@ -238,7 +276,7 @@ class Canonizer:
 
     def apply(self, root: nn.Module) -> HandleGroup:
         """Apply to ``root`` now; the returned group (a context manager) undoes it."""
-        return install(self.plan(root))
+        return _planned_install(lambda: self.plan(root))
 
 
 class MergeBatchNorm(Canonizer):

@@ -31,7 +31,7 @@ from ...errors import TdhookWarning
 from .._engine import GradientAttribution
 from .._errors import AttributionError
 from .._options import SHARED_POSITIONAL, GradientOptions, GradientSettings, accepts_positional
-from ._canonizers import Canonizer, _Assign
+from ._canonizers import Canonizer, _Assign, _Canonize
 from ._composites import BaseRuleMapper, RuleMapper
 from ._errors import ConcurrentLRPError, RuleMappingError
 from ._rule import Rule
@@ -121,7 +121,9 @@ class _LRPEdits:
         # First: refuse (before any edit) a model that another LRP context is explaining.
         plan: list[Installable] = [_LRPClaim(tuple(hooked.td_module.modules()))]
         for canonizer in self.canonizers:
-            plan.extend(canonizer.plan(hooked.root))
+            canonizer.plan(hooked.root)  # refuse a model it cannot canonize now, at prepare()
+            # ...and compute the edits again at install, atomically with other threads' edits
+            plan.append(_Canonize(canonizer, hooked.root))
         # In-place activations would apply their own backward to the relevance a rule hands to
         # their (already overwritten) input; run them out of place while the context is active.
         plan.extend(

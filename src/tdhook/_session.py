@@ -22,6 +22,7 @@ from ._core.boundary import compiled_reason
 from ._core.claims import _claim_model, _release_model
 from ._core.directions import HandleGroup, HookDirection, register
 from ._core.forward_state import ForwardState, inplace_modules
+from ._core.paths import resolution_chain
 from ._session_hooks import (
     CapturedTarget,
     EarlyStopResult,
@@ -55,6 +56,70 @@ def _path_target(path: str) -> Target:
         if len(_PATH_TARGETS) < 4096:
             _PATH_TARGETS[path] = target
     return target
+
+
+#: A resolved module path, held weakly: ``(parent, child name, child)`` per step (``child`` None for a
+#: name a ``TensorDictModule`` forwards to its wrapped ``module``), and the module it gives.
+_WeakChain = tuple[
+    tuple[tuple["weakref.ref[nn.Module]", str, "weakref.ref[nn.Module] | None"], ...],
+    "weakref.ref[nn.Module]",
+]
+
+#: id(model) -> (weak reference to it, {module path: weak chain}). A session opened per call (a
+#: policy hooked once per environment step) walks each path once; every later use re-checks each
+#: step (a dict look-up) and whether its modules run compiled code, so a swapped or newly compiled
+#: submodule is always seen. Everything is held weakly: sessions never keep a model alive.
+_CHAINS: dict[int, tuple[weakref.ref[nn.Module], dict[str, _WeakChain]]] = {}
+
+
+def _weak_chain(model: nn.Module, path: str, module: nn.Module) -> _WeakChain | None:
+    chain = resolution_chain(model, path)
+    if chain is None:
+        return None
+    steps = []
+    parent = model
+    for _, name, child in chain:
+        steps.append((weakref.ref(parent), name, None if child is None else weakref.ref(child)))
+        if child is not None:
+            parent = child
+    return tuple(steps), weakref.ref(module)
+
+
+def _cached_module(chain: _WeakChain) -> nn.Module | None:
+    """The module ``chain`` resolved to, if every step still holds it and none is compiled; else None."""
+    for parent_ref, name, child_ref in chain[0]:
+        parent = parent_ref()
+        if parent is None:
+            return None
+        child = parent._modules.get(name)
+        if child is not (None if child_ref is None else child_ref()):
+            return None
+        if child is not None and compiled_reason(child) is not None:
+            return None  # compiled since: the full check names it
+    return chain[1]()
+
+
+def _module_at(model: nn.Module, target: Target) -> nn.Module:
+    """The module a (non-parameter) target names in ``model``, checked not to run compiled code."""
+    path = target.module_path
+    key = id(model)
+    entry = _CHAINS.get(key)
+    if entry is not None and entry[0]() is model:
+        chain = entry[1].get(path)
+        if chain is not None:
+            module = _cached_module(chain)
+            if module is not None:
+                return module
+    module = target.validate(model)
+    check_compiled(model, path, module)
+    weak = _weak_chain(model, path, module)
+    if weak is not None:
+        if entry is None or entry[0]() is not model:
+            entry = (weakref.ref(model, lambda _, key=key: _CHAINS.pop(key, None)), {})  # type: ignore[misc]
+            _CHAINS[key] = entry
+        if len(entry[1]) < 4096:
+            entry[1][path] = weak
+    return module
 
 
 class HookSession:
@@ -295,9 +360,7 @@ class HookSession:
                 "stop() cannot be combined with gradient targets in one session: the forward pass it cuts has no "
                 "backward. Use a separate session."
             )
-        model = self.model
-        module = _path_target(module_path).validate(model)
-        check_compiled(model, module_path, module)
+        module = _module_at(self.model, _path_target(module_path))
         result = EarlyStopResult(module_path)
         self._handles.append(register(module, _StopHook(result, passes), _FWD))
         self._entries.append(("stop", module_path, _FWD, None, 1))
@@ -333,10 +396,7 @@ class HookSession:
             raise InvalidInputError(f"Expected a Target or a module path, got {type(target).__name__}.")
         kind = target.kind
         if kind is TargetKind.ACTIVATION and direction is None:  # the common case: no direction checks
-            model = self.model
-            module = target.validate(model)
-            check_compiled(model, target.module_path, module)
-            return target, _FWD, module
+            return target, _FWD, _module_at(self.model, target)
         if kind is TargetKind.PARAMETER:
             if direction is not None:
                 raise InvalidDirectionError(
@@ -354,10 +414,7 @@ class HookSession:
             raise ContextStateError(
                 f"{target}: gradient targets cannot be combined with stop() in one session. Use a separate session."
             )
-        model = self.model
-        module = target.validate(model)
-        check_compiled(model, target.module_path, module)
-        return target, parsed, module
+        return target, parsed, _module_at(self.model, target)
 
     def _install(
         self,

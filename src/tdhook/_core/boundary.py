@@ -73,15 +73,32 @@ def wrap_module(
     return td_module, "module", list(td_module.in_keys), list(td_module.out_keys)
 
 
+#: Class-level ``forward`` functions seen not to be ``torch.compile``d (checked once each; a class
+#: whose forward is replaced gets a new function object, checked again).
+_EAGER_FORWARDS: set[Any] = set()
+
+
 def compiled_reason(module: nn.Module) -> str | None:
     """How ``module`` itself (not its children) runs compiled code that ignores new hooks, or None."""
-    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+    cls = type(module)
+    if cls.__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
         return "is a torch.compile OptimizedModule; pass its `._orig_mod` (same parameters)"
-    if getattr(module, "_compiled_call_impl", None) is not None:
+    attrs = module.__dict__
+    if attrs.get("_compiled_call_impl") is not None:
         return "was compiled with `module.compile()`; use an uncompiled copy of the model"
-    for forward in (module.__dict__.get("forward"), getattr(type(module), "forward", None)):
-        if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
-            return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+    own = attrs.get("forward")
+    if own is not None and hasattr(own, "_torchdynamo_orig_callable"):
+        return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+    forward = getattr(cls, "forward", None)
+    if forward is None or forward in _EAGER_FORWARDS:
+        return None
+    if hasattr(forward, "_torchdynamo_orig_callable"):
+        return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
+    try:
+        if len(_EAGER_FORWARDS) < 4096:
+            _EAGER_FORWARDS.add(forward)
+    except TypeError:  # an unhashable callable
+        pass
     return None
 
 

@@ -277,6 +277,23 @@ class HookSession:
         passes = self._passes
         if passes is None or threading.get_ident() != passes.thread:
             passes = self._require_active("capture")  # raises
+        if type(target) is str and direction is None and detach is True:
+            # the common capture (a module's whole output, copied), _prepare and _install inlined:
+            # a session opened per call (a policy per environment step) runs this per path per call
+            target = _PATH_TARGETS.get(target) or _path_target(target)
+            model = self._model_ref() or self.model  # .model raises for a collected model
+            module = _module_at(model, target)
+            captured = CapturedTarget(target, _FWD, True)
+            if self._start_handle is None:  # every call of the model from now on starts a pass
+                self._start_handle = register(model, passes.begin, HookDirection.FWD_PRE, prepend=True)
+            self._handles.append(
+                register(module, _ActivationHook(target, _FWD, passes, None, captured), _FWD)
+            )
+            self._entries.append(("capture", target.module_path, _FWD, target, 1))
+            if self._inplace_guarded:
+                self._keep_end_last(passes, module)
+            self._captures.append(captured)
+            return captured
         target, direction, module = self._prepare(target, direction)
         captured = CapturedTarget(target, direction, detach)
         if target.kind is TargetKind.PARAMETER:

@@ -99,3 +99,25 @@ def test_the_cache_never_keeps_a_model_alive() -> None:
     gc.collect()
     assert ref() is None  # ...weakly: the model is collected
     assert key not in _session._CHAINS  # and its entry dropped
+
+
+def test_a_path_capture_after_an_uncopied_one_keeps_the_pass_end_last() -> None:
+    """The inlined path capture installs what the general one does (program, hooks, values)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with HookSession(model) as s:
+        kept = s.capture("0", detach=False)  # guards in-place modules, installs the pass end
+        copied = s.capture("2")  # a plain path: the inlined capture
+        general = s.capture(_session.Target("2"), direction="fwd")  # the general code path
+        out = model(x)
+        ops = [(e.operation, e.module_path) for e in s.program.entries]
+    assert ops[0] == ("pass_start", "")
+    assert ops[-1] == ("pass_end", "")
+    assert ("capture", "2") in ops
+    torch.testing.assert_close(kept.values[0], model[0](x))  # copied just before the in-place ReLU
+    torch.testing.assert_close(copied.values[0], out)
+    torch.testing.assert_close(general.values[0], out)
+    assert copied.calls == general.calls == [0]
+    assert copied.passes == general.passes == [0]
+    assert copied.values[0] is not out  # a detached copy
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

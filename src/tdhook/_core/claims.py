@@ -93,8 +93,12 @@ def _owner_name(owner: Any) -> str:
 
 
 def _claim_model(context: HookingContext | Any, root: nn.Module, thread: int, exclusive: bool) -> None:
+    key = _model_id(root)
     with _LOCK:
-        entries = _ACTIVE.setdefault(_model_id(root), [])
+        entries = _ACTIVE.get(key)
+        if entries is None:  # the common case: nothing else active on the model
+            _ACTIVE[key] = [(context, thread, exclusive)]
+            return
         for other, other_thread, other_exclusive in entries:
             if other_thread != thread and (exclusive or other_exclusive):
                 editing = context if exclusive else other

@@ -287,3 +287,42 @@ def test_eager_module_of_a_compiled_model_works() -> None:
     with ActivationCaching("0").prepare(compiled._orig_mod) as hooked, torch.no_grad():
         hooked(TensorDict(input=x, batch_size=[2]))
     torch.testing.assert_close(hooked.hooking_context.cache["0"], model[0](x).detach())
+
+
+def test_a_class_forward_compiled_after_it_was_seen_eager_is_refused() -> None:
+    """compiled_reason remembers class forwards seen eager; a forward replaced later is a new object."""
+    from tdhook._core.boundary import compiled_reason
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    model = nn.Sequential(Block(), nn.ReLU())
+    with ActivationCaching("0").prepare(model):  # seen eager (and remembered)
+        pass
+    assert compiled_reason(model[0]) is None
+    Block.forward = torch.compile(Block.forward, backend="eager")  # type: ignore[method-assign]
+    assert "torch.compile'd forward" in (compiled_reason(model[0]) or "")
+    with pytest.raises(CompiledModelError, match=r"'0' has a torch.compile'd forward"):
+        ActivationCaching("0").prepare(model)
+
+
+def test_an_unhashable_class_forward_is_checked_every_time() -> None:
+    from tdhook._core.boundary import compiled_reason
+
+    class Forward:  # a callable with __eq__ and no __hash__: unhashable
+        def __eq__(self, other: object) -> bool:
+            return other is self
+
+        def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    class Odd(nn.Module):
+        forward = Forward()
+
+    assert compiled_reason(Odd()) is None
+    assert compiled_reason(Odd()) is None

@@ -90,15 +90,18 @@ def compiled_reason(module: nn.Module) -> str | None:
     if own is not None and hasattr(own, "_torchdynamo_orig_callable"):
         return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
     forward = getattr(cls, "forward", None)
-    if forward is None or forward in _EAGER_FORWARDS:
+    if forward is None:
         return None
+    try:
+        if forward in _EAGER_FORWARDS:
+            return None
+        hashable = True
+    except TypeError:  # an unhashable callable: checked every time
+        hashable = False
     if hasattr(forward, "_torchdynamo_orig_callable"):
         return "has a torch.compile'd forward; keep an uncompiled forward for hooking"
-    try:
-        if len(_EAGER_FORWARDS) < 4096:
-            _EAGER_FORWARDS.add(forward)
-    except TypeError:  # an unhashable callable
-        pass
+    if hashable and len(_EAGER_FORWARDS) < 4096:
+        _EAGER_FORWARDS.add(forward)
     return None
 
 

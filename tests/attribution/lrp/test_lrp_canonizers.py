@@ -98,6 +98,23 @@ def test_exception_inside_the_context_restores():
     _assert_same(before, _state(model))
 
 
+def test_a_canonizer_refusing_the_model_at_entry_leaves_nothing_behind():
+    """Canonizer edits are computed when the context is entered; a refusal there undoes the rest."""
+    model = _bn_net()
+    before = _state(model)
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    model[5].train()  # a BatchNorm in training mode cannot be folded
+    method = LRP(rule_mapper=EpsilonPlus(), canonizers=[MergeBatchNorm()])
+    with pytest.raises(CanonizerError, match=r"'5' is in training mode"), method.prepare(model):
+        pass
+    _assert_same(before, _state(model))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    model.eval()
+    with method.prepare(model):  # no claim or edit was left: the same model can be explained now
+        assert torch.equal(model[5].running_var, torch.ones(5))
+    _assert_same(before, _state(model))
+
+
 def test_explicit_pairs_and_errors():
     model = _bn_net()
     before = _state(model)

@@ -120,10 +120,9 @@ class _LRPEdits:
         ruled = self.rules(hooked)
         # First: refuse (before any edit) a model that another LRP context is explaining.
         plan: list[Installable] = [_LRPClaim(tuple(hooked.td_module.modules()))]
-        for canonizer in self.canonizers:
-            canonizer.plan(hooked.root)  # refuse a model it cannot canonize now, at prepare()
-            # ...and compute the edits again at install, atomically with other threads' edits
-            plan.append(_Canonize(canonizer, hooked.root))
+        # Canonizers compute their edits from the model when installed, atomically with other
+        # threads' edits (a model it cannot canonize is refused there, and the claim undone).
+        plan.extend(_Canonize(canonizer, hooked.root) for canonizer in self.canonizers)
         # In-place activations would apply their own backward to the relevance a rule hands to
         # their (already overwritten) input; run them out of place while the context is active.
         plan.extend(

@@ -50,8 +50,12 @@ def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
             impl.run()
     clock = time.perf_counter_ns
     samples: dict[str, list[int]] = {n: [] for n in impls}
-    for _ in range(cycles):
-        for name, impl in impls.items():
+    order = list(impls.items())
+    for cycle in range(cycles):
+        # the order rotates each cycle: a library called right after another that ran the same
+        # code (the baseline after raw hooks, both calling TensorDictModule) would find it warmer
+        shift = cycle % len(order)
+        for name, impl in order[shift:] + order[:shift]:
             t0 = clock()
             impl.run()
             samples[name].append(clock() - t0)

@@ -1,0 +1,33 @@
+"""bench.ab --paired: single calls in turn, the order rotating, differences taken within a cycle."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from bench import ab
+
+
+def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(monkeypatch) -> None:
+    calls: list[str] = []
+
+    def impl(name: str) -> type:
+        class Impl:
+            def setup(self, params: dict) -> None:
+                pass
+
+            def run(self) -> None:
+                calls.append(name)
+
+        Impl.name = name  # type: ignore[attr-defined]
+        return Impl
+
+    task = SimpleNamespace(impls=[impl("a"), impl("b"), impl("plain")], baseline="plain")
+    monkeypatch.setattr(ab, "load", lambda name: task)
+    above = ab.paired("fake", {}, cycles=6)
+    assert set(above) == {"a", "b", "plain"}
+    assert above["plain"] == 0
+    measured = calls[-18:]  # six cycles of three calls, after set-up and warm-up
+    firsts = [measured[i] for i in range(0, 18, 3)]
+    assert sorted(firsts) == ["a", "a", "b", "b", "plain", "plain"]  # each library leads equally often
+    for i in range(0, 18, 3):
+        assert sorted(measured[i : i + 3]) == ["a", "b", "plain"]  # every library once per cycle

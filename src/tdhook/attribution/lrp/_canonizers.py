@@ -197,7 +197,8 @@ class ParamModifier:
     """Temporarily replace selected parameters of a module by modified values.
 
     Args:
-        modify_fn: ``f(param, name) -> tensor`` giving the new value (default: unchanged).
+        modify_fn: ``f(param, name) -> tensor`` giving the new value (default: unchanged). It
+            runs under the lock every canonizer edit shares, like :meth:`Canonizer.plan`.
         select_fn: ``f(param, name) -> bool`` choosing the parameters to modify (default: all).
 
     Examples:
@@ -265,6 +266,10 @@ class Canonizer:
 
     def plan(self, root: nn.Module) -> list[Installable]:
         """The edits to install on ``root`` (the user's model).
+
+        :meth:`apply` and LRP call it while holding the lock shared by every canonizer and
+        ``ParamModifier`` edit, so that it never reads a model another thread is editing; it
+        must therefore not wait for another thread that applies a canonizer.
 
         Raises:
             RuleDefinitionError: When a subclass does not define it (a ``NotImplementedError``).

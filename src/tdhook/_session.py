@@ -59,11 +59,8 @@ def _path_target(path: str) -> Target:
 
 
 #: A resolved module path, held weakly: ``(parent, child name, child)`` per step (``child`` None for a
-#: name a ``TensorDictModule`` forwards to its wrapped ``module``), and the module it gives.
-_WeakChain = tuple[
-    tuple[tuple["weakref.ref[nn.Module]", str, "weakref.ref[nn.Module] | None"], ...],
-    "weakref.ref[nn.Module]",
-]
+#: name a ``TensorDictModule`` forwards to its wrapped ``module``); the last step's child is the module.
+_WeakChain = tuple[tuple["weakref.ref[nn.Module]", str, "weakref.ref[nn.Module] | None"], ...]
 
 #: id(model) -> (weak reference to it, {module path: weak chain}). A session opened per call (a
 #: policy hooked once per environment step) walks each path once; every later use re-checks each
@@ -72,7 +69,8 @@ _WeakChain = tuple[
 _CHAINS: dict[int, tuple[weakref.ref[nn.Module], dict[str, _WeakChain]]] = {}
 
 
-def _weak_chain(model: nn.Module, path: str, module: nn.Module) -> _WeakChain | None:
+def _weak_chain(model: nn.Module, path: str) -> _WeakChain | None:
+    """:func:`~tdhook._core.paths.resolution_chain` with parents and children held weakly."""
     chain = resolution_chain(model, path)
     if chain is None:
         return None
@@ -82,12 +80,13 @@ def _weak_chain(model: nn.Module, path: str, module: nn.Module) -> _WeakChain | 
         steps.append((weakref.ref(parent), name, None if child is None else weakref.ref(child)))
         if child is not None:
             parent = child
-    return tuple(steps), weakref.ref(module)
+    return tuple(steps)
 
 
 def _cached_module(chain: _WeakChain) -> nn.Module | None:
     """The module ``chain`` resolved to, if every step still holds it and none is compiled; else None."""
-    for parent_ref, name, child_ref in chain[0]:
+    child = None
+    for parent_ref, name, child_ref in chain:
         parent = parent_ref()
         if parent is None:
             return None
@@ -96,7 +95,7 @@ def _cached_module(chain: _WeakChain) -> nn.Module | None:
             return None
         if child is not None and compiled_reason(child) is not None:
             return None  # compiled since: the full check names it
-    return chain[1]()
+    return child  # the last step always names a module
 
 
 def _module_at(model: nn.Module, target: Target) -> nn.Module:
@@ -112,7 +111,7 @@ def _module_at(model: nn.Module, target: Target) -> nn.Module:
                 return module
     module = target.validate(model)
     check_compiled(model, path, module)
-    weak = _weak_chain(model, path, module)
+    weak = _weak_chain(model, path)
     if weak is not None:
         if entry is None or entry[0]() is not model:
             entry = (weakref.ref(model, lambda _, key=key: _CHAINS.pop(key, None)), {})  # type: ignore[misc]
@@ -278,20 +277,11 @@ class HookSession:
         if passes is None or threading.get_ident() != passes.thread:
             passes = self._require_active("capture")  # raises
         if type(target) is str and direction is None and detach is True:
-            # the common capture (a module's whole output, copied), _prepare and _install inlined:
-            # a session opened per call (a policy per environment step) runs this per path per call
+            # the common capture (a module's whole output, copied) without _prepare's checks: a
+            # session opened per call (a policy per environment step) runs this per path per call
             target = _PATH_TARGETS.get(target) or _path_target(target)
-            model = self._model_ref() or self.model  # .model raises for a collected model
-            module = _module_at(model, target)
             captured = CapturedTarget(target, _FWD, True)
-            if self._start_handle is None:  # every call of the model from now on starts a pass
-                self._start_handle = register(model, passes.begin, HookDirection.FWD_PRE, prepend=True)
-            self._handles.append(
-                register(module, _ActivationHook(target, _FWD, passes, None, captured), _FWD)
-            )
-            self._entries.append(("capture", target.module_path, _FWD, target, 1))
-            if self._inplace_guarded:
-                self._keep_end_last(passes, module)
+            self._install(passes, _module_at(self.model, target), target, _FWD, "capture", captured, None)
             self._captures.append(captured)
             return captured
         target, direction, module = self._prepare(target, direction)

@@ -7,11 +7,17 @@ over rounds is reported. One thread, so a loaded machine inflates it least. This
 benchmark (no fresh process per library, no gate): ``python -m bench.run`` is; use this to see
 where a ratio comes from.
 
-``python -m bench.ab --paired TASK '{"param": ...}' [CYCLES]`` times single calls instead, the
-libraries in turn within each cycle, and reports the median over cycles of each library's time
-minus the baseline's *in the same cycle*. A machine whose speed drifts (a shared VM, where a
+``python -m bench.ab --paired TASK '{"param": ...}' [CYCLES] [INNER]`` times the libraries in
+turn within each cycle instead, and reports the median over cycles of each library's time per
+call minus the baseline's *in the same cycle*. A machine whose speed drifts (a shared VM, where a
 plain call may take 200 µs one minute and 350 µs the next) shifts every library of a cycle
 alike, so the paired differences keep overheads of a few µs that separate processes lose.
+
+Each library's turn is ``INNER`` calls in a row, timed together: by default its ``inner``, the
+calls that make one timing sample in the benchmark itself (``bench.run``), so that the code is
+as warm as there. ``INNER=1`` times single calls, each right after the other libraries' calls:
+colder (each library's code partly evicted by the others'), which weighs code size as well as
+work.
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ def _ready(task: Any, params: dict) -> dict[str, Any]:
     return impls
 
 
-def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
-    """Median over cycles of (library - baseline) for single calls made in turn; µs."""
+def paired(task_name: str, params: dict, cycles: int, inner: int | None = None) -> dict[str, float]:
+    """Median over cycles of (library - baseline) per call, for turns of ``inner`` calls; µs.
+
+    ``inner=None`` takes each library's own ``inner`` (as the benchmark's timing samples do).
+    """
     task = load(task_name)
     impls = _ready(task, params)
     for _ in range(100):
@@ -56,9 +65,12 @@ def paired(task_name: str, params: dict, cycles: int) -> dict[str, float]:
         # code (the baseline after raw hooks, both calling TensorDictModule) would find it warmer
         shift = cycle % len(order)
         for name, impl in order[shift:] + order[:shift]:
+            calls = inner or getattr(impl, "inner", 1)
+            run = impl.run
             t0 = clock()
-            impl.run()
-            samples[name].append(clock() - t0)
+            for _ in range(calls):
+                run()
+            samples[name].append((clock() - t0) / calls)
     base = samples[task.baseline] if task.baseline else [0] * cycles
     return {n: statistics.median(a - b for a, b in zip(v, base)) / 1e3 for n, v in samples.items()}
 
@@ -68,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     pin(1)
     if args and args[0] == "--paired":
         task_name, params = args[1], json.loads(args[2])
-        above = paired(task_name, params, int(args[3]) if len(args) > 3 else 3000)
-        print(f"{task_name} {params} (paired, µs above {load(task_name).baseline}, median over cycles)")
+        inner = int(args[4]) if len(args) > 4 else None
+        above = paired(task_name, params, int(args[3]) if len(args) > 3 else 3000, inner)
+        turns = "each library's own inner calls" if inner is None else f"{inner} call(s)"
+        print(
+            f"{task_name} {params} (paired, turns of {turns}, µs per call above {load(task_name).baseline}, median over cycles)"
+        )
         peers = [n for n in above if n != load(task_name).baseline]
         for name in peers:
             ratios = "  ".join(

@@ -23,7 +23,7 @@ def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(m
 
     task = SimpleNamespace(impls=[impl("a"), impl("b"), impl("plain")], baseline="plain")
     monkeypatch.setattr(ab, "load", lambda name: task)
-    above = ab.paired("fake", {}, cycles=6)
+    above = ab.paired("fake", {}, cycles=6, inner=1)
     assert set(above) == {"a", "b", "plain"}
     assert above["plain"] == 0
     measured = calls[-18:]  # six cycles of three calls, after set-up and warm-up
@@ -31,3 +31,29 @@ def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(m
     assert sorted(firsts) == ["a", "a", "b", "b", "plain", "plain"]  # each library leads equally often
     for i in range(0, 18, 3):
         assert sorted(measured[i : i + 3]) == ["a", "b", "plain"]  # every library once per cycle
+
+
+def test_paired_turns_are_each_librarys_inner_calls_by_default(monkeypatch) -> None:
+    calls: list[str] = []
+
+    def impl(name: str, inner: int) -> type:
+        class Impl:
+            def setup(self, params: dict) -> None:
+                pass
+
+            def run(self) -> None:
+                calls.append(name)
+
+        Impl.name = name  # type: ignore[attr-defined]
+        Impl.inner = inner  # type: ignore[attr-defined]
+        return Impl
+
+    task = SimpleNamespace(impls=[impl("a", 3), impl("plain", 2)], baseline="plain")
+    monkeypatch.setattr(ab, "load", lambda name: task)
+    ab.paired("fake", {}, cycles=2)
+    assert (
+        calls[-10:] == ["a"] * 3 + ["plain"] * 2 + ["plain"] * 2 + ["a"] * 3
+    )  # turns of inner calls, rotated
+    calls.clear()
+    ab.paired("fake", {}, cycles=2, inner=1)
+    assert calls[-4:] == ["a", "plain", "plain", "a"]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._core.boundary import compiled_reason
-from ._core.claims import _claim_model, _release_model
+from ._core.claims import _check_claimable, _claim_model, _release_claim
 from ._core.directions import HandleGroup, HookDirection, register
 from ._core.forward_state import ForwardState, inplace_modules
 from ._core.paths import resolution_chain
@@ -144,7 +144,9 @@ class HookSession:
     Threads and compilation follow the core's rules (:doc:`guarantees`): the hooks act only in
     the thread that entered the session (other threads' calls of the model are not seen), the
     session's methods refuse other threads, a session cannot open while another thread holds
-    backward hooks on the model, and a ``torch.compile``d model or hooked module is refused.
+    backward hooks on the model, from its first hook or parameter edit to its end no context with
+    backward hooks can start on the model in another thread (a session that installed nothing holds
+    nothing), and a ``torch.compile``d model or hooked module is refused.
 
     Args:
         model: The model (held by a weak reference: the session never keeps it alive).
@@ -170,16 +172,21 @@ class HookSession:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"HookSession expects an nn.Module, got {type(model).__name__}.")
+        # every attribute is set here, in one order (CPython's fast attribute access relies on it)
         self._model_ref = weakref.ref(model)
+        self._thread: int | None = None  # the entering thread, while the session is active
+        #: the per-pass bookkeeping and the claim on the model (its key), both made with the first
+        #: hook or parameter edit: a session that installed nothing holds nothing
         self._passes: _Passes | None = None
+        self._claim_key = 0
+        self._start_handle: Any = None  # the root hooks that delimit passes, installed when first needed
+        self._end_handle: Any = None
+        self._inplace_guarded = self._has_gradient = self._has_stop = False
         self._handles = HandleGroup()
         #: (operation, module_path, direction, target, hooks) of each ProgramEntry, built on demand
         self._entries: list[tuple[str, str, HookDirection | None, Target | None, int]] = []
         self._backups: list[tuple[weakref.ref[nn.Parameter], torch.Tensor]] = []
         self._captures: list[CapturedTarget] = []
-        self._start_handle: Any = None  # the root hooks that delimit passes, installed when first needed
-        self._end_handle: Any = None
-        self._inplace_guarded = self._has_gradient = self._has_stop = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -192,7 +199,7 @@ class HookSession:
 
     @property
     def is_active(self) -> bool:
-        return self._passes is not None
+        return self._thread is not None
 
     @property
     def program(self) -> HookProgram:
@@ -208,22 +215,28 @@ class HookSession:
         return HookProgram(tuple(entries))
 
     def __enter__(self) -> HookSession:
-        if self._passes is not None:
+        if self._thread is not None:
             raise ContextStateError("Cannot enter a HookSession twice; leave the `with` block first.")
         model = self.model
         if compiled_reason(model) is not None:
             check_compiled(model, "")  # raises, naming the fix
         thread = threading.get_ident()
-        # a claim like a context's: refused while another thread holds backward hooks on the model,
-        # and such a context cannot start in another thread while this session is open
-        _claim_model(self, model, thread, exclusive=False)
-        self._passes = _Passes(ForwardState(), thread, id(self))
+        # refused while another thread holds backward hooks on the model; the claim itself (which
+        # keeps such a context from starting in another thread) comes with the first hook or edit
+        _check_claimable(self, model, thread, exclusive=False)
+        self._thread = thread
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        thread = self._thread
+        if thread is not None and threading.get_ident() != thread:
+            self._check_thread(thread, "__exit__")  # raises
         passes = self._passes
-        if passes is not None and threading.get_ident() != passes.thread:
-            self._check_thread(passes, "__exit__")  # raises
+        if passes is None:  # nothing installed, claimed or edited (parameter edits make the passes)
+            self._thread = None
+            if self._entries:
+                self._entries = []  # parameter captures
+            return False
         try:
             self._handles.remove()
             for handle in (self._end_handle, self._start_handle):
@@ -234,21 +247,20 @@ class HookSession:
                 if self._backups:
                     self._restore_parameters()
             finally:
-                if passes is not None:
-                    passes.active = False
-                    _release_model(self, self._model_ref())
-                self._passes = self._start_handle = self._end_handle = None
+                passes.active = False
+                _release_claim(self, self._claim_key)
+                self._thread = self._passes = self._start_handle = self._end_handle = None
                 self._entries, self._captures = [], []
                 self._inplace_guarded = self._has_gradient = self._has_stop = False
-        return isinstance(exc, SessionStop) and passes is not None and exc.session_id == passes.session_id
+        return isinstance(exc, SessionStop) and exc.session_id == passes.session_id
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Call the model; return its output, or ``None`` when this session's :meth:`stop` ended it."""
-        passes = self._require_active("run")
+        self._require_active("run")
         try:
             return self.model(*args, **kwargs)
         except SessionStop as stop:
-            if stop.session_id != passes.session_id:
+            if stop.session_id != id(self):
                 raise
             return None
 
@@ -273,24 +285,26 @@ class HookSession:
             ContextStateError: Outside the ``with`` block, or for a gradient target in a session
                 that has a :meth:`stop`.
         """
-        passes = self._passes
-        if passes is None or threading.get_ident() != passes.thread:
-            passes = self._require_active("capture")  # raises
+        thread = self._thread
+        if thread is None or threading.get_ident() != thread:
+            self._require_active("capture")  # raises
         if type(target) is str and direction is None and detach is True:
             # the common capture (a module's whole output, copied) without _prepare's checks: a
             # session opened per call (a policy per environment step) runs this per path per call
             target = _PATH_TARGETS.get(target) or _path_target(target)
+            module = _module_at(self.model, target)
             captured = CapturedTarget(target, _FWD, True)
-            self._install(passes, _module_at(self.model, target), target, _FWD, "capture", captured, None)
+            self._install(self._passes or self._hold(), module, target, _FWD, "capture", captured, None)
             self._captures.append(captured)
             return captured
         target, direction, module = self._prepare(target, direction)
         captured = CapturedTarget(target, direction, detach)
         if target.kind is TargetKind.PARAMETER:
-            captured._record(target.select_output(target.parameter_tensor(module)), None, passes.pass_id)
+            pass_id = -1 if self._passes is None else self._passes.pass_id
+            captured._record(target.select_output(target.parameter_tensor(module)), None, pass_id)
             self._entries.append(("parameter_capture", target.module_path, None, target, 0))
             return captured
-        self._install(passes, module, target, direction, "capture", captured, None)
+        self._install(self._passes or self._hold(), module, target, direction, "capture", captured, None)
         self._captures.append(captured)
         return captured
 
@@ -320,7 +334,7 @@ class HookSession:
             ContextStateError: Outside the ``with`` block, or when a routed replacement fires
                 before its source in a pass.
         """
-        passes = self._require_active("replace")
+        self._require_active("replace")
         if isinstance(value, CapturedTarget):
             if transform is not None and not callable(transform):
                 raise InvalidInputError(f"transform must be callable, got {type(transform).__name__}.")
@@ -341,6 +355,8 @@ class HookSession:
                 raise InvalidInputError(
                     "A parameter is replaced at once, so it cannot route a capture; pass captured.values[-1] instead."
                 )
+            if self._passes is None:
+                self._hold()  # an edit of the model: claimed like a hook
             self._replace_parameter(target, module, value)
             return
         if isinstance(value, CapturedTarget) and not any(c is value for c in self._captures):
@@ -348,6 +364,7 @@ class HookSession:
                 f"The routed capture of {value.target} is not one of this session's captures; capture it with this "
                 "session first."
             )
+        passes = self._passes or self._hold()
         replacement = _Replacement(value, transform, passes, target)
         self._install(passes, module, target, direction, "replace", None, replacement)
 
@@ -361,13 +378,14 @@ class HookSession:
         Returns:
             An :class:`EarlyStopResult` whose ``reached`` and ``output`` are set when the module runs.
         """
-        passes = self._require_active("stop")
+        self._require_active("stop")
         if self._has_gradient:
             raise ContextStateError(
                 "stop() cannot be combined with gradient targets in one session: the forward pass it cuts has no "
                 "backward. Use a separate session."
             )
         module = _module_at(self.model, _path_target(module_path))
+        passes = self._passes or self._hold()
         result = EarlyStopResult(module_path)
         self._handles.append(register(module, _StopHook(result, passes), _FWD))
         self._entries.append(("stop", module_path, _FWD, None, 1))
@@ -375,23 +393,34 @@ class HookSession:
         return result
 
     # -- internals --------------------------------------------------------------------------------
-    def _require_active(self, name: str) -> _Passes:
-        passes = self._passes
-        if passes is None:
+    def _require_active(self, name: str) -> None:
+        thread = self._thread
+        if thread is None:
             raise ContextStateError(
                 f"HookSession.{name}() must be called inside `with HookSession(model) as s:` (the session is not active)."
             )
-        self._check_thread(passes, name)
-        return passes
+        self._check_thread(thread, name)
 
     @staticmethod
-    def _check_thread(passes: _Passes, name: str) -> None:
-        if threading.get_ident() != passes.thread:
+    def _check_thread(thread: int, name: str) -> None:
+        if threading.get_ident() != thread:
             raise ConcurrencyError(
                 f"HookSession.{name}() called from thread {threading.get_ident()}, but the session was entered in "
-                f"thread {passes.thread}, the only one its hooks act in. Open a session in each thread instead "
+                f"thread {thread}, the only one its hooks act in. Open a session in each thread instead "
                 "(on its own model copy, copy.deepcopy(model), if the threads use gradients)."
             )
+
+    def _hold(self) -> _Passes:
+        """Claim the model (as a context does) and start the per-pass bookkeeping: the first hook or edit.
+
+        The claim is refused while another thread holds backward hooks on the model, and keeps such
+        a context from starting in another thread until the session ends.
+        """
+        thread = self._thread
+        assert thread is not None
+        self._claim_key = _claim_model(self, self.model, thread, exclusive=False)
+        self._passes = passes = _Passes(ForwardState(), thread, id(self))
+        return passes
 
     def _prepare(
         self, target: Target | str, direction: str | HookDirection | None

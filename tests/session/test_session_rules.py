@@ -127,12 +127,42 @@ def test_a_session_and_backward_hook_contexts_of_other_threads_exclude_each_othe
         ),
     ):
         HookSession(model).__enter__()
-    with HookSession(model):  # a session open in this thread: backward hooks elsewhere are refused
+    with HookSession(
+        model
+    ) as s:  # a session open in this thread and holding a hook: backward hooks elsewhere are refused
         grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
+        with grads.prepare(model):  # nothing installed yet: the session holds nothing
+            pass
+        s.capture("0")
+        with pytest.raises(ConcurrencyError, match="active HookSession context from another thread"):
+            _in_thread(lambda: grads.prepare(model).__enter__())
+    with HookSession(model) as s:  # a parameter edit claims the model too
+        s.replace(Target("0", "parameter", parameter="bias"), 0.0)
         with pytest.raises(ConcurrencyError, match="active HookSession context from another thread"):
             _in_thread(lambda: grads.prepare(model).__enter__())
     with grads.prepare(model):  # free again after the session
         pass
+    assert _no_hooks(model)
+
+
+def test_a_session_claims_the_model_with_its_first_hook() -> None:
+    from tdhook._core import claims
+
+    model = _model()
+    grads = ActivationCaching("0", directions="bwd", callback=lambda grad_input, **_: grad_input[0])
+    with HookSession(model) as s:
+        assert not claims._ACTIVE  # nothing installed: nothing held
+        with held_in_another_thread(lambda: grads.prepare(model)):  # started after the session opened
+            with pytest.raises(ConcurrencyError, match=r"ActivationCaching context from another thread"):
+                s.capture("0")
+            assert len(s.program) == 0  # refused before anything was installed
+        assert _no_hooks(model)  # the other context ended; the session left nothing
+        captured = s.capture("0")  # the claim succeeds now
+        assert [entry[0] for entry in claims._ACTIVE[id(model)]] == [s]
+        model(torch.randn(2, 4))
+    assert len(captured.values) == 1
+    assert captured.passes == [0]
+    assert not claims._ACTIVE
     assert _no_hooks(model)
 
 

@@ -92,40 +92,71 @@ def _owner_name(owner: Any) -> str:
     return type(owner if factory is None else factory).__name__
 
 
-def _claim_model(context: HookingContext | Any, root: nn.Module, thread: int, exclusive: bool) -> None:
-    key = _model_id(root)
+def _refuse_conflicts(
+    context: HookingContext | Any,
+    root: nn.Module,
+    thread: int,
+    exclusive: bool,
+    entries: list[tuple[HookingContext, int, bool]],
+) -> None:
+    for other, other_thread, other_exclusive in entries:
+        if other_thread != thread and (exclusive or other_exclusive):
+            editing = context if exclusive else other
+            raise ConcurrencyError(
+                f"{type(root).__name__} already has an active {_owner_name(other)} context "
+                f"from another thread ({other_thread}), and {_owner_name(editing)} uses backward "
+                "hooks, which autograd may run in any thread. Use one model copy "
+                "per thread (copy.deepcopy(model)), or run the two contexts one after the other."
+            )
+
+
+def _claim_model(context: HookingContext | Any, root: nn.Module, thread: int, exclusive: bool) -> int:
+    """Claim ``root`` for ``context`` (refused on a conflict, see the module docstring); returns its key."""
+    key = id(root.module) if type(root) is TensorDictModule else id(root)  # _model_id, inlined
     with _LOCK:
         entries = _ACTIVE.get(key)
         if entries is None:  # the common case: nothing else active on the model
             _ACTIVE[key] = [(context, thread, exclusive)]
-            return
-        for other, other_thread, other_exclusive in entries:
-            if other_thread != thread and (exclusive or other_exclusive):
-                editing = context if exclusive else other
-                raise ConcurrencyError(
-                    f"{type(root).__name__} already has an active {_owner_name(other)} context "
-                    f"from another thread ({other_thread}), and {_owner_name(editing)} uses backward "
-                    "hooks, which autograd may run in any thread. Use one model copy "
-                    "per thread (copy.deepcopy(model)), or run the two contexts one after the other."
-                )
+            return key
+        _refuse_conflicts(context, root, thread, exclusive, entries)
         entries.append((context, thread, exclusive))
+    return key
+
+
+def _check_claimable(context: Any, root: nn.Module, thread: int, exclusive: bool) -> None:
+    """Raise what :func:`_claim_model` would raise now, without claiming (a session claims later)."""
+    if not _ACTIVE:
+        return
+    with _LOCK:
+        entries = _ACTIVE.get(_model_id(root))
+        if entries:
+            _refuse_conflicts(context, root, thread, exclusive, entries)
 
 
 def _release_model(context: HookingContext | Any, root: nn.Module | None) -> None:
     """Drop ``context``'s claim on ``root``; with ``root=None`` (e.g. a model already collected), on any model."""
     with _LOCK:
-        keys = list(_ACTIVE) if root is None else (_model_id(root),)
-        for key in keys:
-            entries = _ACTIVE.get(key)
-            if entries is None:
-                continue
-            if len(entries) == 1:  # the common case: this context alone on the model
-                if entries[0][0] is context:
-                    del _ACTIVE[key]
-                continue
-            entries[:] = [e for e in entries if e[0] is not context]
-            if not entries:
-                del _ACTIVE[key]
+        for key in list(_ACTIVE) if root is None else (_model_id(root),):
+            _drop(context, key)
+
+
+def _release_claim(context: Any, key: int) -> None:
+    """Drop ``context``'s claim under ``key`` (what :func:`_claim_model` returned; the model may be gone)."""
+    with _LOCK:
+        _drop(context, key)
+
+
+def _drop(context: Any, key: int) -> None:
+    entries = _ACTIVE.get(key)
+    if entries is None:
+        return
+    if len(entries) == 1:  # the common case: this context alone on the model
+        if entries[0][0] is context:
+            del _ACTIVE[key]
+        return
+    entries[:] = [e for e in entries if e[0] is not context]
+    if not entries:
+        del _ACTIVE[key]
 
 
 def check_no_foreign_exclusive(root: nn.Module) -> None:

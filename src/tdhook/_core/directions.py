@@ -88,6 +88,7 @@ _VALUE_INDEX = {
     HookDirection.BWD_PRE: 1,
 }
 _FWD = HookDirection.FWD
+_FWD_PRE = HookDirection.FWD_PRE
 _BY_VALUE: dict[str, HookDirection] = {d.value: d for d in HookDirection}
 _TYPE = {
     HookDirection.FWD: "output",
@@ -118,7 +119,7 @@ def _add_hook(hooks: Any, hook: Callable[..., Any], prepend: bool) -> RemovableH
     RemovableHandle.next_id = hook_id + 1
     handle.extra_dict_ref = ()
     hooks[hook_id] = hook
-    if prepend:
+    if prepend and len(hooks) > 1:  # alone in the table, a hook is first either way
         hooks.move_to_end(hook_id, last=False)
     return handle
 
@@ -142,10 +143,12 @@ def register(
         if direction is not _FWD:
             raise InvalidDirectionError(f"always_call applies to forward hooks only, not {direction.value!r}")
         return module.register_forward_hook(hook, prepend=prepend, always_call=True)
-    if direction is _FWD:  # the common case first, without enum attribute look-ups
+    if direction is _FWD:  # the common cases first, without enum attribute look-ups
         if type(module).register_forward_hook is _MODULE_FORWARD_HOOK:
             return _add_hook(module._forward_hooks, hook, prepend)
         return module.register_forward_hook(hook, prepend=prepend)
+    if direction is _FWD_PRE and type(module).register_forward_pre_hook is _MODULE_FORWARD_PRE_HOOK:
+        return _add_hook(module._forward_pre_hooks, hook, prepend)
     if direction is HookDirection.FWD_KWARGS:
         return module.register_forward_hook(hook, prepend=prepend, with_kwargs=True)
     if direction is HookDirection.FWD_PRE:
@@ -198,7 +201,7 @@ class HandleGroup:
     __slots__ = ("_handles",)
 
     def __init__(self, handles: Iterable[Any] | None = None) -> None:
-        self._handles: list[Any] = list(handles or [])
+        self._handles: list[Any] = [] if handles is None else list(handles)
 
     def append(self, handle: Any) -> None:
         self._handles.append(handle)

@@ -30,6 +30,7 @@ from ._session_hooks import (
     ProgramEntry,
     SessionStop,
     _ActivationHook,
+    _CaptureHook,
     _GradientHook,
     _Passes,
     _Replacement,
@@ -294,7 +295,14 @@ class HookSession:
             target = _PATH_TARGETS.get(target) or _path_target(target)
             module = _module_at(self.model, target)
             captured = CapturedTarget(target, _FWD, True)
-            self._install(self._passes or self._hold(), module, target, _FWD, "capture", captured, None)
+            passes = self._passes or self._hold()
+            self._attach(
+                passes,
+                module,
+                _CaptureHook(captured, passes),
+                _FWD,
+                ("capture", target.module_path, _FWD, target, 1),
+            )
             self._captures.append(captured)
             return captured
         target, direction, module = self._prepare(target, direction)
@@ -472,17 +480,42 @@ class HookSession:
         else:
             hook = _ActivationHook(target, direction, passes, wanted, captured, replacement)
             point = direction
+        if occurrences is not None:
+            passes.watched.append(hook)
+        self._attach(
+            passes,
+            module,
+            hook,
+            point,
+            (operation, target.module_path, direction, target, 1),
+            ends=occurrences is not None,
+            uncopied=captured is not None and not captured.detach and point is direction,  # a forward value
+        )
+
+    def _attach(
+        self,
+        passes: _Passes,
+        module: nn.Module,
+        hook: Callable[..., Any],
+        point: HookDirection,
+        entry: tuple[str, str, HookDirection | None, Target | None, int],
+        ends: bool = False,
+        uncopied: bool = False,
+    ) -> None:
+        """Register a site hook (after the pass-start hook, the first time) and list it in the program.
+
+        ``ends``: the hook needs the pass-end hook (call indices checked at the end of each pass);
+        once installed, the pass-end hook is kept the root's last forward hook. ``uncopied``: the
+        hook keeps forward values without a copy, so in-place modules get their guards, after the
+        hook (on an in-place module, the hook holds the input before its guard copies it).
+        """
         if self._start_handle is None:  # every call of the model from now on starts a pass
             self._start_handle = register(self.model, passes.begin, HookDirection.FWD_PRE, prepend=True)
         self._handles.append(register(module, hook, point))
-        self._entries.append((operation, target.module_path, direction, target, 1))
-        if occurrences is not None:
-            passes.watched.append(hook)
-        if (
-            captured is not None and not captured.detach and point is direction
-        ):  # a forward value kept uncopied
+        self._entries.append(entry)
+        if uncopied:
             self._guard_inplace(passes)
-        if occurrences is not None or self._inplace_guarded:
+        if ends or self._inplace_guarded:
             self._keep_end_last(passes, module)
 
     def _keep_end_last(self, passes: _Passes, module: nn.Module) -> None:

@@ -85,7 +85,7 @@ class SessionStop(BaseException):
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class CapturedTarget:
     """What :meth:`HookSession.capture` records: one entry per observation, in observation order.
 
@@ -106,6 +106,22 @@ class CapturedTarget:
     values: list[torch.Tensor] = field(default_factory=list)
     calls: list[int | None] = field(default_factory=list)
     passes: list[int] = field(default_factory=list)
+
+    def __init__(  # written out: a third of the generated one's cost (a session per call makes several)
+        self,
+        target: Target,
+        direction: HookDirection | None,
+        detach: bool = True,
+        values: list[torch.Tensor] | None = None,
+        calls: list[int | None] | None = None,
+        passes: list[int] | None = None,
+    ) -> None:
+        self.target = target
+        self.direction = direction
+        self.detach = detach
+        self.values = [] if values is None else values
+        self.calls = [] if calls is None else calls
+        self.passes = [] if passes is None else passes
 
     def _record(self, value: torch.Tensor, call: int | None, pass_id: int) -> None:
         if self.detach:
@@ -199,7 +215,7 @@ class HookProgram:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class _Passes:
     """The session's root hooks: every call of the model (in the entering thread) is one *pass*.
 
@@ -213,10 +229,19 @@ class _Passes:
     state: ForwardState
     thread: int
     session_id: int
-    watched: list[_SiteHook] = field(default_factory=list)
-    pass_id: int = -1
-    active: bool = True
-    ends: bool = False
+    watched: list[_SiteHook]
+    pass_id: int
+    active: bool
+    ends: bool
+
+    def __init__(self, state: ForwardState, thread: int, session_id: int) -> None:
+        self.state = state
+        self.thread = thread
+        self.session_id = session_id
+        self.watched = []
+        self.pass_id = -1
+        self.active = True
+        self.ends = False
 
     def begin(self, module: Any, args: Any) -> None:
         if threading.get_ident() != self.thread:
@@ -329,27 +354,38 @@ class _SiteHook:
         return None
 
 
+class _CaptureHook:
+    """The common capture: a module's output at every call, copied (``capture("path")``).
+
+    What :class:`_ActivationHook` does for it, in one call: this runs once per hooked module per
+    call of the model, and a small policy's session captures a few modules per environment step.
+    """
+
+    __slots__ = ("captured", "passes")
+
+    def __init__(self, captured: CapturedTarget, passes: _Passes) -> None:
+        self.captured = captured
+        self.passes = passes
+
+    @property
+    def target(self) -> Target:
+        return self.captured.target
+
+    def __call__(self, module: Any, args: Any, output: Any) -> None:
+        passes = self.passes
+        if threading.get_ident() != passes.thread:
+            return
+        captured = self.captured
+        if type(output) is not torch.Tensor and not isinstance(output, torch.Tensor):
+            output = captured.target.select_output(output)  # raises, naming what the module returned
+        captured._record(output, passes.state.index(self), passes.pass_id)
+
+
 @dataclass(eq=False, slots=True)
 class _ActivationHook(_SiteHook):
     """Capture or replace a target's value at a forward hook point."""
 
     def __call__(self, *args: Any) -> Any:
-        passes = self.passes
-        if self.wanted is None and self.captured is not None and self.direction is _FWD:
-            # the common capture, inlined (_call_index, _apply): this runs once per hooked module per call
-            if threading.get_ident() != passes.thread:
-                return None
-            state = passes.state
-            call = state.index(self)
-            captured = self.captured
-            target, selected = self.target, args[2]
-            if target.output_path or target.indices is not None or not isinstance(selected, torch.Tensor):
-                selected = target.select_output(selected)  # else: the whole tensor output is the selection
-            captured._record(selected, call, passes.pass_id)
-            if not captured.detach:  # kept without a copy: protect it
-                values = captured.values
-                state.hold(selected, values, len(values) - 1, str(self.target))
-            return None
         index = self._call_index()
         if index is None:
             return None

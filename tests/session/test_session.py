@@ -599,3 +599,20 @@ def test_detached_capture_is_an_independent_copy_with_and_without_grad(grad: boo
     expected = out.detach().clone()
     out.detach().add_(1.0)  # the caller modifies the model's output afterwards
     assert torch.equal(kept, expected)
+
+
+def test_uncopied_captures_at_and_before_an_inplace_module_keep_the_values_it_overwrites(x) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    with torch.no_grad():
+        pre_relu = model[0](x)
+    assert (pre_relu < 0).any()  # the in-place ReLU overwrites something
+    with HookSession(model) as s:
+        # the ReLU's input, held without a copy: the guard on the ReLU must copy it *after* this
+        # hook holds it and before the ReLU runs
+        at_relu = s.capture(Target("1"), direction="fwd_pre", detach=False)
+        before_relu = s.capture(Target("0"), detach=False)
+        model(x)
+    assert torch.equal(at_relu.values[0], pre_relu)
+    assert torch.equal(before_relu.values[0], pre_relu)
+    assert [e.operation for e in s.program] == []  # left: nothing installed

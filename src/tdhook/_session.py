@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._core.boundary import compiled_reason
-from ._core.claims import _check_claimable, _claim_model, _release_claim
+from ._core.claims import _ACTIVE, _check_claimable, _claim_model, _release_claim
 from ._core.directions import HandleGroup, HookDirection, register
 from ._core.forward_state import ForwardState, inplace_modules
 from ._core.paths import resolution_chain
@@ -224,7 +224,8 @@ class HookSession:
         thread = threading.get_ident()
         # refused while another thread holds backward hooks on the model; the claim itself (which
         # keeps such a context from starting in another thread) comes with the first hook or edit
-        _check_claimable(self, model, thread, exclusive=False)
+        if _ACTIVE:  # else: nothing is claimed anywhere
+            _check_claimable(self, model, thread, exclusive=False)
         self._thread = thread
         return self
 
@@ -293,9 +294,10 @@ class HookSession:
             # the common capture (a module's whole output, copied) without _prepare's checks: a
             # session opened per call (a policy per environment step) runs this per path per call
             target = _PATH_TARGETS.get(target) or _path_target(target)
-            module = _module_at(self.model, target)
+            model = self.model
+            module = _module_at(model, target)
             captured = CapturedTarget(target, _FWD, True)
-            passes = self._passes or self._hold()
+            passes = self._passes or self._hold(model)
             self._attach(
                 passes,
                 module,
@@ -418,7 +420,7 @@ class HookSession:
                 "(on its own model copy, copy.deepcopy(model), if the threads use gradients)."
             )
 
-    def _hold(self) -> _Passes:
+    def _hold(self, model: nn.Module | None = None) -> _Passes:
         """Claim the model (as a context does) and start the per-pass bookkeeping: the first hook or edit.
 
         The claim is refused while another thread holds backward hooks on the model, and keeps such
@@ -426,7 +428,7 @@ class HookSession:
         """
         thread = self._thread
         assert thread is not None
-        self._claim_key = _claim_model(self, self.model, thread, exclusive=False)
+        self._claim_key = _claim_model(self, self.model if model is None else model, thread, exclusive=False)
         self._passes = passes = _Passes(ForwardState(), thread, id(self))
         return passes
 

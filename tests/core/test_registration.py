@@ -7,6 +7,7 @@ that the result is indistinguishable from ``register_forward(_pre)_hook``.
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
 import pytest
@@ -37,7 +38,10 @@ def test_handle_is_torchs_and_removes_exactly_its_hook(direction: HookDirection)
     )
     ours = register(module, _recorder(log, "ours"), direction)
     assert isinstance(ours, RemovableHandle)
-    assert ours.id > theirs.id  # one id counter with torch's own handles
+    assert ours.id < 0 <= theirs.id  # our own counter, disjoint from torch's
+    later = module.register_forward_hook(lambda *a: None)  # torch's counter is left alone
+    assert later.id == theirs.id + 1
+    later.remove()
     assert list(table) == [theirs.id, ours.id]
     module(torch.ones(1, 2))
     assert log == ["torch", "ours"]
@@ -106,3 +110,34 @@ def test_always_call_hooks_run_on_an_exception_and_are_forward_only() -> None:
     assert not module._forward_hooks_always_called
     with pytest.raises(InvalidDirectionError, match="forward hooks only"):
         register(module, lambda *a: None, HookDirection.FWD_PRE, always_call=True)
+
+
+def test_threads_registering_at_once_never_share_an_id() -> None:
+    import threading
+
+    module = nn.Linear(2, 2)
+    start = threading.Barrier(4, timeout=30)
+    handles: list[list[RemovableHandle]] = [[] for _ in range(4)]
+
+    def work(i: int) -> None:
+        start.wait()
+        for _ in range(2000):
+            handles[i].append(register(module, lambda *a: None, HookDirection.FWD))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    ids = [h.id for hs in handles for h in hs]
+    assert len(set(ids)) == len(ids) == 8000
+    assert len(module._forward_hooks) == 8000  # no hook overwrote another
+    for hs in handles:
+        for h in hs:
+            h.remove()
+    assert not module._forward_hooks

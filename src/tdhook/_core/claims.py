@@ -143,7 +143,11 @@ def _release_model(context: HookingContext | Any, root: nn.Module | None) -> Non
 def _release_claim(context: Any, key: int) -> None:
     """Drop ``context``'s claim under ``key`` (what :func:`_claim_model` returned; the model may be gone)."""
     with _LOCK:
-        _drop(context, key)
+        entries = _ACTIVE.get(key)
+        if entries is not None and len(entries) == 1 and entries[0][0] is context:
+            del _ACTIVE[key]  # the common case: this context alone on the model
+        else:
+            _drop(context, key)
 
 
 def _drop(context: Any, key: int) -> None:

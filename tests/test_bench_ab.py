@@ -1,4 +1,4 @@
-"""bench.ab --paired: single calls in turn, the order rotating, differences taken within a cycle."""
+"""bench.ab --paired: the libraries in turn, the order rotating, differences taken within a cycle."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from types import SimpleNamespace
 from bench import ab
 
 
-def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(monkeypatch) -> None:
-    calls: list[str] = []
+def _fake_task(monkeypatch, calls: list[str], libraries: dict[str, int | None]) -> None:
+    """A task (loaded by ``ab.load``) whose libraries log their name in ``calls`` at each run.
 
-    def impl(name: str) -> type:
+    ``libraries``: name -> its ``inner`` (None: no ``inner`` attribute); the baseline is "plain".
+    """
+
+    def impl(name: str, inner: int | None) -> type:
         class Impl:
             def setup(self, params: dict) -> None:
                 pass
@@ -19,10 +22,17 @@ def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(m
                 calls.append(name)
 
         Impl.name = name  # type: ignore[attr-defined]
+        if inner is not None:
+            Impl.inner = inner  # type: ignore[attr-defined]
         return Impl
 
-    task = SimpleNamespace(impls=[impl("a"), impl("b"), impl("plain")], baseline="plain")
+    task = SimpleNamespace(impls=[impl(n, i) for n, i in libraries.items()], baseline="plain")
     monkeypatch.setattr(ab, "load", lambda name: task)
+
+
+def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(monkeypatch) -> None:
+    calls: list[str] = []
+    _fake_task(monkeypatch, calls, {"a": None, "b": None, "plain": None})
     above = ab.paired("fake", {}, cycles=6, inner=1)
     assert set(above) == {"a", "b", "plain"}
     assert above["plain"] == 0
@@ -35,21 +45,7 @@ def test_paired_rotates_the_order_and_subtracts_the_baseline_within_each_cycle(m
 
 def test_paired_turns_are_each_librarys_inner_calls_by_default(monkeypatch) -> None:
     calls: list[str] = []
-
-    def impl(name: str, inner: int) -> type:
-        class Impl:
-            def setup(self, params: dict) -> None:
-                pass
-
-            def run(self) -> None:
-                calls.append(name)
-
-        Impl.name = name  # type: ignore[attr-defined]
-        Impl.inner = inner  # type: ignore[attr-defined]
-        return Impl
-
-    task = SimpleNamespace(impls=[impl("a", 3), impl("plain", 2)], baseline="plain")
-    monkeypatch.setattr(ab, "load", lambda name: task)
+    _fake_task(monkeypatch, calls, {"a": 3, "plain": 2})
     ab.paired("fake", {}, cycles=2)
     assert (
         calls[-10:] == ["a"] * 3 + ["plain"] * 2 + ["plain"] * 2 + ["a"] * 3

@@ -367,10 +367,6 @@ class _CaptureHook:
         self.captured = captured
         self.passes = passes
 
-    @property
-    def target(self) -> Target:
-        return self.captured.target
-
     def __call__(self, module: Any, args: Any, output: Any) -> None:
         passes = self.passes
         if threading.get_ident() != passes.thread:

@@ -124,9 +124,10 @@ def _claim_model(context: HookingContext | Any, root: nn.Module, thread: int, ex
 
 
 def _check_claimable(context: Any, root: nn.Module, thread: int, exclusive: bool) -> None:
-    """Raise what :func:`_claim_model` would raise now, without claiming (a session claims later)."""
-    if not _ACTIVE:
-        return
+    """Raise what :func:`_claim_model` would raise now, without claiming (a session claims later).
+
+    The session calls it only when ``_ACTIVE`` is not empty (its entry's common case skips the call).
+    """
     with _LOCK:
         entries = _ACTIVE.get(_model_id(root))
         if entries:
